@@ -1,0 +1,101 @@
+"""What every model plugin shares: its window, its outputs, and the render contract.
+
+A model is one small class per file (``actors/<name>.py``). It never imports another adapter.
+
+The contract, in the spirit of RVM's ``fgr, pha, *rec = model(src, *rec)``::
+
+    model = Model(**params)
+    model.load(weights, device="cpu", dtype="float32")   # once per actor
+    cond = model.prepare(video, params)                  # once per video (e.g. FTP-VM memory)
+    outputs, state = model.render(frames, cond, state)    # per shard; state=None is a cold start
+
+``frames`` is ``uint8 [T, H, W, 3]`` RGB (numpy). ``outputs`` maps each name in ``model.outputs`` to
+``float32 [T, H, W, C]`` in ``[0, 1]`` (C = 1 for alpha, 3 for colour). ``state`` is ``None`` or a
+flat ``dict[str, numpy.ndarray]``: it crosses process boundaries through the Ray object store and is
+saved next to the shard's ledger record, so it must be plain arrays. No hidden state is kept between
+calls: the same frames with the same state give the same outputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Literal
+
+import numpy as np
+
+StateMode = Literal["none", "handoff", "preroll"]
+State = dict[str, np.ndarray]
+Outputs = dict[str, np.ndarray]
+
+
+class ModelError(RuntimeError):
+    """A model refused its input (clear, one-line message; not retried as a crash)."""
+
+
+@dataclass(frozen=True)
+class WindowSpec:
+    """A model's preferred shard shape; the job's ``window`` section may override it."""
+
+    frames: int = 64
+    overlap: int = 0
+    state: StateMode = "none"
+    preroll: int = 0
+
+
+@dataclass
+class VideoContext:
+    """What a model may know about the whole video when it prepares per-video conditioning."""
+
+    url: str
+    frame_count: int
+    width: int
+    height: int
+    fps: float
+    params: dict[str, Any] = field(default_factory=dict)
+    storage_options: dict[str, Any] = field(default_factory=dict)
+
+
+class VideoModel:
+    """Base class of every model plugin. Subclasses set the class attributes and override ``render``."""
+
+    name: ClassVar[str] = "base"
+    window: ClassVar[WindowSpec] = WindowSpec()
+    outputs: ClassVar[tuple[str, ...]] = ("alpha",)
+    needs_weights: ClassVar[bool] = False
+
+    def __init__(self, **params: Any) -> None:
+        self.params = params
+
+    def load(self, weights: str | None, device: str = "cpu", dtype: str = "float32") -> None:
+        """Load weights once per actor. Models without weights keep this no-op."""
+
+    def prepare(self, video: VideoContext) -> Any:
+        """Per-video conditioning computed once and shared by every shard (default: none)."""
+        return None
+
+    def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
+        raise NotImplementedError
+
+    def memory_bytes(self) -> int:
+        """Accelerator memory the loaded model holds (0 on the CPU); checked against the job budget."""
+        return 0
+
+
+def check_state(state: State | None, expected: dict[str, tuple[int, ...]], model: str) -> None:
+    """Refuse a handed-off state whose arrays do not fit this shard (e.g. another resolution)."""
+    if state is None:
+        return
+    for key, shape in expected.items():
+        if key not in state:
+            raise ModelError(f"{model}: handed-off state lacks {key!r}")
+        if tuple(state[key].shape) != tuple(shape):
+            raise ModelError(
+                f"{model}: handed-off state {key!r} has shape {tuple(state[key].shape)}, this shard needs "
+                f"{tuple(shape)} (a state from a shard at another resolution or downsample ratio?)"
+            )
+
+
+def composite(alpha: np.ndarray, fgr: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
+    """``float32 [T,H,W,3]``: the foreground over a flat colour (values in [0, 1])."""
+    bg = np.asarray(background, dtype=np.float32).reshape(1, 1, 1, 3)
+    return fgr * alpha + bg * (1.0 - alpha)

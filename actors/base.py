@@ -62,6 +62,9 @@ class VideoModel:
     window: ClassVar[WindowSpec] = WindowSpec()
     outputs: ClassVar[tuple[str, ...]] = ("alpha",)
     needs_weights: ClassVar[bool] = False
+    # Frames per render call: per-frame and recurrent models stream in chunks (bounded memory);
+    # window models that must see the whole shard at once (diffusion) set None.
+    chunk_frames: ClassVar[int | None] = 16
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -94,8 +97,3 @@ def check_state(state: State | None, expected: dict[str, tuple[int, ...]], model
                 f"{tuple(shape)} (a state from a shard at another resolution or downsample ratio?)"
             )
 
-
-def composite(alpha: np.ndarray, fgr: np.ndarray, background: tuple[float, float, float]) -> np.ndarray:
-    """``float32 [T,H,W,3]``: the foreground over a flat colour (values in [0, 1])."""
-    bg = np.asarray(background, dtype=np.float32).reshape(1, 1, 1, 3)
-    return fgr * alpha + bg * (1.0 - alpha)

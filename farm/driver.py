@@ -1,0 +1,555 @@
+"""Run a job: probe, plan, dispatch shards to a pool of model actors, blend, assemble, commit.
+
+The driver holds only small records. Actors decode their own frames and write their pieces to
+storage; handed-off state travels actor to actor as an ObjectRef. Shards are dispatched by the driver
+only when an actor is free and the shard's inputs are ready (never queued behind a blocked call), so a
+dead actor holds no slot: it is replaced and its shard goes to another actor.
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import logging
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import ray
+
+from actors.base import ModelError, VideoContext
+from farm import storage
+from farm.assemble import blend_overlap, commit_output
+from farm.channels import components, missing_outputs
+from farm.inputs import VideoInput, expand_inputs
+from farm.ledger import Ledger
+from farm.plan import PlanError, Shard, output_pieces, plan_shards
+from farm.sinks import OutputTarget
+from farm.spec import FORMAT_EXT, JobSpec
+from farm.worker import ModelConfig, ModelWorker, ShardTask
+
+log = logging.getLogger("farm")
+
+# Errors about the input itself: retrying on another actor cannot help.
+INPUT_ERRORS = (ModelError, PlanError)
+MAX_REPLACEMENTS = 5  # per actor slot and job
+
+
+class JobError(RuntimeError):
+    """The job as a whole cannot run (e.g. the model does not load on any actor)."""
+
+
+@dataclass
+class VideoRun:
+    input: VideoInput
+    info: Any = None  # farm.video.VideoInfo once probed
+    shards: list[Shard] = field(default_factory=list)
+    targets: dict[str, OutputTarget] = field(default_factory=dict)
+    status: str = "waiting"  # waiting | running | succeeded | failed | skipped
+    error: str | None = None
+    cond_ref: Any = None
+    cond_ready: bool = False
+    records: dict[int, dict] = field(default_factory=dict)
+    state_refs: dict[int, Any] = field(default_factory=dict)  # shard i -> state for shard i+1
+    pieces: dict[str, list[dict]] = field(default_factory=dict)  # channel -> piece records
+    blends_sent: set[tuple[str, int]] = field(default_factory=set)
+    outputs: dict[str, dict] = field(default_factory=dict)
+    started: float = 0.0
+    seconds: float = 0.0
+
+    @property
+    def key(self) -> str:
+        return self.input.key
+
+
+@dataclass
+class JobResult:
+    job_id: str
+    manifest: dict[str, Any]
+    manifest_url: str
+
+    @property
+    def failed(self) -> list[str]:
+        return [k for k, v in self.manifest["videos"].items() if v["status"] == "failed"]
+
+    @property
+    def ok(self) -> bool:
+        return not self.failed
+
+
+Progress = Callable[[str, dict[str, Any]], None]  # (event, data)
+
+
+def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
+    """Connect to ``address``, or start an embedded local Ray (dashboard on 127.0.0.1 only)."""
+    if ray.is_initialized():
+        return
+    if address:
+        ray.init(address=address, logging_level=logging.WARNING)
+    else:
+        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+
+
+def output_url(spec: JobSpec, video: VideoInput, channel: str) -> str:
+    """The final key of one channel, checked to stay under the template's static prefix."""
+    ext = FORMAT_EXT[spec.output.format]
+    rel_template = spec.output.uri[len(storage.static_prefix(spec.output.uri)) :].lstrip("/")
+    rel = rel_template.format(job=spec.name, stem=video.stem, channel=channel, ext=ext)
+    if not ext and rel.endswith("."):
+        rel = rel[:-1]
+    return storage.safe_join(storage.static_prefix(spec.output.uri), rel)
+
+
+def ledger_root(spec: JobSpec) -> str:
+    return storage.join(storage.static_prefix(spec.output.uri), ".farm", spec.job_id)
+
+
+class JobRunner:
+    """One run of one job. ``run()`` returns when every video has succeeded or failed."""
+
+    def __init__(self, spec: JobSpec, progress: Progress | None = None, force: bool = False) -> None:
+        from actors import load_model_class
+
+        self.spec = spec
+        self.so = spec.storage_options
+        self.progress = progress or (lambda event, data: None)
+        self.force = force
+        self.model_cls = load_model_class(spec.model.name)
+        self.ledger = Ledger(ledger_root(spec), self.so)
+        self.mode = spec.window.state if spec.window.state != "auto" else self.model_cls.window.state
+        for ch in spec.output.channels:
+            missing = missing_outputs(ch, self.model_cls.outputs)
+            if missing:
+                raise JobError(f"output.channels: {ch!r} needs {missing} which model {spec.model.name!r} does not produce")
+        self.videos: dict[str, VideoRun] = {}
+        self.actors: list[Any] = []
+        self.actor_failures: dict[int, int] = {}
+        self.failed_shards = 0
+        self.events: list[dict] = []
+
+    # ---- planning ---------------------------------------------------------------------------
+
+    def window(self) -> tuple[int, int, int]:
+        w, d = self.spec.window, self.model_cls.window
+        frames = w.frames or d.frames
+        overlap = w.overlap if w.overlap is not None else d.overlap
+        if self.mode == "handoff":
+            overlap = 0  # the state carries context exactly: overlapping would only re-render frames
+        preroll = w.preroll if self.mode == "preroll" else 0
+        return frames, overlap, preroll
+
+    def plan(self, run: VideoRun) -> None:
+        frames, overlap, preroll = self.window()
+        run.shards = plan_shards(run.key, run.info.frame_count, frames, overlap, preroll)
+        for ch in self.spec.output.channels:
+            url = output_url(self.spec, run.input, ch)
+            colour = ch in ("fgr", "comp", "rgb", "rgba")
+            run.targets[ch] = OutputTarget(
+                url=url,
+                parts_url=storage.join(self.ledger.root, "parts", run.key, ch),
+                format=self.spec.output.format,
+                fps_num=run.info.fps_num,
+                fps_den=run.info.fps_den,
+                width=run.info.width,
+                height=run.info.height,
+                components=components(ch),
+                quality=self.spec.output.quality,
+                audio_from=run.input.url if (colour and self.spec.output.audio and run.info.has_audio) else None,
+                storage_options=self.so,
+            )
+            run.pieces[ch] = []
+
+    # ---- actors -----------------------------------------------------------------------------
+
+    def _actor_class(self):
+        r = self.spec.resources
+        return ray.remote(ModelWorker).options(
+            num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_concurrency=1, max_restarts=0
+        )
+
+    def _start_actor(self, slot: int, generation: int = 0) -> Any:
+        m = self.spec.model
+        config = ModelConfig(m.name, dict(m.params), m.weights, m.device, m.dtype, self.spec.resources.gpu_memory_gb)
+        name = f"{self.spec.job_id}/actor-{slot}" + (f"-r{generation}" if generation else "")
+        cls = self._actor_class()
+        try:
+            return cls.options(name=name).remote(config, self.so)
+        except ValueError:  # a name still held by an actor of an earlier run in this Ray session
+            return cls.options(name=f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}").remote(config, self.so)
+
+    def start_actors(self) -> None:
+        n = self.spec.resources.actors
+        self.actors = [self._start_actor(k) for k in range(n)]
+        self.generation = [0] * n
+        errors = []
+        for k, a in enumerate(self.actors):
+            try:
+                info = ray.get(a.info.remote())
+                self.event("actor_ready", actor=k, **info)
+            except ray.exceptions.RayError as e:
+                errors.append(_one_line(e, self.so))
+                self.actors[k] = None
+        if all(a is None for a in self.actors):
+            raise JobError(f"model {self.spec.model.name!r} did not load on any actor: {errors[0]}")
+
+    def replace_actor(self, slot: int) -> None:
+        self.generation[slot] += 1
+        if self.generation[slot] > MAX_REPLACEMENTS:  # it keeps dying: stop feeding it shards
+            self.actors[slot] = None
+            self.event("actor_retired", actor=slot)
+            return
+        self.actors[slot] = self._start_actor(slot, self.generation[slot])
+        self.event("actor_replaced", actor=slot, generation=self.generation[slot])
+
+    # ---- bookkeeping ------------------------------------------------------------------------
+
+    def event(self, kind: str, **data: Any) -> None:
+        e = {"t": time.time(), "event": kind, **data}
+        self.events.append(e)
+        self.progress(kind, e)
+
+    def fail_video(self, run: VideoRun, message: str) -> None:
+        if run.status in ("failed", "succeeded"):
+            return
+        run.status, run.error = "failed", message
+        run.seconds = time.time() - run.started if run.started else 0.0
+        self.event("video_failed", video=run.key, error=message)
+
+    # ---- the run ----------------------------------------------------------------------------
+
+    def run(self) -> JobResult:
+        t_start = time.time()
+        videos, errors = expand_inputs(self.spec.inputs, self.so)
+        self.ledger.write_spec(self.spec.public_dict())
+        for line in errors:
+            self.event("input_error", error=line)
+        seen_outputs: dict[str, str] = {}
+        for v in videos:
+            run = VideoRun(v)
+            self.videos[v.key] = run
+            first = output_url(self.spec, v, self.spec.output.channels[0])
+            if first in seen_outputs:
+                self.fail_video(run, f"{v.url}: output {first} is also the output of {seen_outputs[first]} (same stem)")
+            seen_outputs[first] = v.url
+
+        self.probe_all()
+        plan_doc = {}
+        for run in self.videos.values():
+            if run.status == "waiting":
+                try:
+                    self.plan(run)
+                    plan_doc[run.key] = {"url": run.input.url, "shards": [s.to_dict() for s in run.shards]}
+                except PlanError as e:
+                    self.fail_video(run, f"{run.input.url}: {e}")
+        self.ledger.write_plan({"mode": self.mode, "videos": plan_doc})
+        self.load_done_records()
+
+        todo = [r for r in self.videos.values() if r.status == "waiting"]
+        self.progress("start", {"videos": {r.key: r.info.frame_count for r in todo}, "job": self.spec.job_id})
+        if todo:
+            self.start_actors()
+            try:
+                self.schedule(todo)
+            finally:
+                for a in self.actors:
+                    if a is not None:
+                        ray.kill(a)
+        manifest = self.manifest(t_start, errors)
+        url = self.ledger.write_manifest(manifest)
+        self.progress("finish", manifest)
+        return JobResult(self.spec.job_id, manifest, url)
+
+    def probe_all(self) -> None:
+        from farm.video import probe
+
+        probe_task = ray.remote(num_cpus=0)(probe)
+        refs = {
+            probe_task.options(name=f"{self.spec.job_id}/{r.key}/probe").remote(r.input.url, self.so): r
+            for r in self.videos.values()
+            if r.status == "waiting"
+        }
+        for ref, run in refs.items():
+            try:
+                run.info = ray.get(ref)
+            except ray.exceptions.RayError as e:
+                self.fail_video(run, _one_line(e, self.so))
+
+    def load_done_records(self) -> None:
+        """Resume: finished videos are skipped; finished shards of unfinished videos are not rendered again."""
+        for run in self.videos.values():
+            if run.status != "waiting":
+                continue
+            done = self.ledger.read_json(f"videos/{run.key}.json")
+            if done and not self.force and all(storage.exists(o["url"], self.so) for o in done["outputs"].values()):
+                run.status, run.outputs, run.seconds = "skipped", done["outputs"], 0.0
+                continue
+            records = {} if self.force else self.ledger.done_shards(run.key)
+            run.records = {i: rec for i, rec in records.items() if i < len(run.shards) and rec.get("shard") == run.shards[i].to_dict()}
+            for i, rec in run.records.items():
+                for ch in self.spec.output.channels:
+                    run.pieces[ch].append(rec["channels"][ch]["core"])
+            if run.records:
+                self.event("resumed", video=run.key, shards_done=sorted(run.records))
+
+    # ---- scheduling -------------------------------------------------------------------------
+
+    def ready_shards(self, run: VideoRun, in_flight: set[tuple[str, int]]) -> list[int]:
+        """Shards whose inputs are available and that are neither done nor running."""
+        if run.status != "running" or not run.cond_ready:
+            return []
+        out = []
+        for s in run.shards:
+            i = s.index
+            if i in run.records or (run.key, i) in in_flight:
+                continue
+            if self.mode == "handoff" and i > 0 and i - 1 not in run.records:
+                continue
+            out.append(i)
+            if self.mode == "handoff":
+                break  # a chain has at most one runnable shard
+        return out
+
+    def schedule(self, runs: list[VideoRun]) -> None:
+        r = self.spec.retries
+        # Longest videos first, so the last actor does not idle on a long tail (av1an order).
+        runs = sorted(runs, key=lambda v: -v.info.frame_count)
+        for run in runs:
+            run.status, run.started = "running", time.time()
+        attempts: dict[tuple[str, int], int] = {}
+        avoid: dict[tuple[str, int], set[int]] = {}
+        in_flight: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, payload)
+        busy: dict[int, Any] = {}  # actor slot -> ref it is working on
+        running_shards: set[tuple[str, int]] = set()
+        prep_queue = [run for run in runs]
+        counter = itertools.count()
+
+        def idle_slots() -> list[int]:
+            return [k for k, a in enumerate(self.actors) if a is not None and k not in busy]
+
+        def dispatch_shard(slot: int, run: VideoRun, i: int) -> None:
+            s = run.shards[i]
+            handoff_at = run.shards[i + 1].start if self.mode == "handoff" and i + 1 < len(run.shards) else None
+            state_ref, state_url = None, None
+            if self.mode == "handoff" and i > 0:
+                state_ref = run.state_refs.get(i - 1)
+                state_url = run.records[i - 1].get("state_url") if state_ref is None else None
+            task = ShardTask(
+                job_id=self.spec.job_id, video_key=run.key, url=run.input.url, shard=s, targets=run.targets,
+                ledger_root=self.ledger.root, handoff_at=handoff_at, state_url=state_url,
+                chunk=self.model_cls.chunk_frames, background=self.spec.output.background, storage_options=self.so,
+            )
+            rec_ref, st_ref = self.actors[slot].render_shard.options(name=task.name, num_returns=2).remote(
+                task, run.cond_ref, state_ref
+            )
+            key = (run.key, i)
+            attempts[key] = attempts.get(key, 0) + 1
+            in_flight[rec_ref] = ("shard", (run, i, slot, st_ref))
+            busy[slot] = rec_ref
+            running_shards.add(key)
+            self.event("shard_dispatched", video=run.key, shard=i, actor=slot, attempt=attempts[key])
+
+        def dispatch_prepare(slot: int, run: VideoRun) -> None:
+            ctx = VideoContext(
+                url=run.input.url, frame_count=run.info.frame_count, width=run.info.width, height=run.info.height,
+                fps=float(run.info.fps), params=dict(self.spec.model.params), storage_options=self.so,
+            )
+            ref = self.actors[slot].prepare.options(name=f"{self.spec.job_id}/{run.key}/prepare").remote(ctx)
+            run.cond_ref = ref
+            in_flight[ref] = ("prepare", (run, slot))
+            busy[slot] = ref
+
+        def fill_actors() -> None:
+            while True:
+                slots = idle_slots()
+                if not slots:
+                    return
+                if self.budget_exhausted():
+                    return
+                if prep_queue:
+                    dispatch_prepare(slots[0], prep_queue.pop(0))
+                    continue
+                # Ready shards, highest priority first: most frames left in the video (critical path).
+                heap = []
+                for run in runs:
+                    left = run.info.frame_count - sum(run.shards[i].frames for i in run.records)
+                    for i in self.ready_shards(run, running_shards):
+                        heapq.heappush(heap, (-left, i, next(counter), run))
+                if not heap:
+                    return
+                _, i, _, run = heapq.heappop(heap)
+                key = (run.key, i)
+                preferred = [k for k in slots if k not in avoid.get(key, set())] or slots
+                dispatch_shard(preferred[0], run, i)
+
+        def after_shard_done(run: VideoRun, i: int) -> None:
+            # Blend every overlap whose two shards are done, then commit once all pieces are in.
+            for ch, target in run.targets.items():
+                for j in (i - 1, i):
+                    if j < 0 or j + 1 >= len(run.shards) or (ch, j) in run.blends_sent:
+                        continue
+                    if j in run.records and j + 1 in run.records and run.shards[j].stop > run.shards[j].core_stop:
+                        a, b = run.records[j]["channels"][ch], run.records[j + 1]["channels"][ch]
+                        ref = blend_task.options(name=f"{self.spec.job_id}/{run.key}/blend-{j}-{ch}").remote(
+                            target, f"blend-{j:04d}", run.shards[j].core_stop, a["tail"], b["head"], self.spec.window.blend
+                        )
+                        run.blends_sent.add((ch, j))
+                        in_flight[ref] = ("blend", (run, ch))
+            maybe_commit(run)
+
+        def maybe_commit(run: VideoRun) -> None:
+            if len(run.records) < len(run.shards) or run.status != "running":
+                return
+            expected = len(output_pieces(run.shards))
+            for ch, target in run.targets.items():
+                if len(run.pieces[ch]) == expected and ch not in run.outputs and (ch, "commit") not in run.blends_sent:
+                    run.blends_sent.add((ch, "commit"))
+                    ref = commit_task.options(name=f"{self.spec.job_id}/{run.key}/commit-{ch}").remote(target, run.pieces[ch])
+                    in_flight[ref] = ("commit", (run, ch))
+
+        blend_task = ray.remote(num_cpus=0, max_retries=self.spec.retries)(blend_overlap)
+        commit_task = ray.remote(num_cpus=0, max_retries=self.spec.retries)(commit_output)
+
+        for run in runs:  # resumed videos whose shards are all done go straight to blending
+            for i in list(run.records):
+                after_shard_done(run, i)
+
+        while any(run.status == "running" for run in runs):
+            fill_actors()
+            if not in_flight:
+                for run in runs:
+                    if run.status == "running":
+                        self.fail_video(run, f"{run.input.url}: no healthy actor left to render it"
+                                        if all(a is None for a in self.actors) else
+                                        f"{run.input.url}: stopped, job failure budget max_failed_shards exhausted")
+                break
+            done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
+            for ref in done:
+                kind, payload = in_flight.pop(ref)
+                if kind == "prepare":
+                    run, slot = payload
+                    busy.pop(slot, None)
+                    try:
+                        ray.get(ref)
+                        run.cond_ready = True
+                    except ray.exceptions.RayError as e:
+                        if _actor_died(e):
+                            self.replace_actor(slot)
+                            prep_queue.insert(0, run)
+                        else:
+                            self.fail_video(run, _one_line(e, self.so))
+                elif kind == "shard":
+                    run, i, slot, st_ref = payload
+                    busy.pop(slot, None)
+                    running_shards.discard((run.key, i))
+                    try:
+                        record = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        self.on_shard_error(run, i, slot, e, attempts, avoid, r)
+                        continue
+                    if run.status != "running":
+                        continue
+                    run.records[i] = record
+                    run.state_refs[i] = st_ref
+                    self.ledger.mark_shard_done(run.key, i, record)
+                    for ch in run.targets:
+                        run.pieces[ch].append(record["channels"][ch]["core"])
+                    self.event("shard_done", video=run.key, shard=i, actor=slot, frames=run.shards[i].frames,
+                               seconds=record["seconds"])
+                    after_shard_done(run, i)
+                elif kind == "blend":
+                    run, ch = payload
+                    try:
+                        run.pieces[ch].append(ray.get(ref))
+                    except ray.exceptions.RayError as e:
+                        self.fail_video(run, _one_line(e, self.so))
+                        continue
+                    maybe_commit(run)
+                elif kind == "commit":
+                    run, ch = payload
+                    try:
+                        run.outputs[ch] = ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        self.fail_video(run, _one_line(e, self.so))
+                        continue
+                    if len(run.outputs) == len(run.targets) and run.status == "running":
+                        run.status, run.seconds = "succeeded", time.time() - run.started
+                        self.ledger.write_json(f"videos/{run.key}.json", {"url": run.input.url, "outputs": run.outputs})
+                        self.event("video_done", video=run.key, seconds=run.seconds)
+
+    def on_shard_error(self, run: VideoRun, i: int, slot: int, e: Exception, attempts, avoid, retries: int) -> None:
+        key = (run.key, i)
+        msg = _one_line(e, self.so)
+        if _actor_died(e):
+            self.replace_actor(slot)
+        else:
+            self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+            avoid.setdefault(key, set()).add(slot)
+        self.event("shard_failed", video=run.key, shard=i, actor=slot, attempt=attempts[key], error=msg)
+        if _input_error(e) or attempts[key] > retries:
+            self.failed_shards += 1
+            self.fail_video(run, msg)
+
+    def budget_exhausted(self) -> bool:
+        budget = self.spec.max_failed_shards
+        return budget is not None and self.failed_shards > budget
+
+    def manifest(self, t_start: float, input_errors: list[str]) -> dict[str, Any]:
+        videos = {}
+        for run in self.videos.values():
+            videos[run.key] = {
+                "url": run.input.url,
+                "status": run.status,
+                "error": run.error,
+                "frames": run.info.frame_count if run.info else None,
+                "fps": f"{run.info.fps_num}/{run.info.fps_den}" if run.info else None,
+                "shards": len(run.shards),
+                "outputs": run.outputs,
+                "seconds": round(run.seconds, 3),
+            }
+        return {
+            "job": self.spec.job_id,
+            "name": self.spec.name,
+            "model": self.spec.model.name,
+            "state_mode": self.mode,
+            "started": t_start,
+            "seconds": round(time.time() - t_start, 3),
+            "input_errors": input_errors,
+            "videos": videos,
+        }
+
+
+def _cause(e: BaseException) -> BaseException:
+    return getattr(e, "cause", None) or e
+
+
+def _actor_died(e: BaseException) -> bool:
+    return isinstance(e, (ray.exceptions.RayActorError, ray.exceptions.ActorDiedError)) and not isinstance(
+        e, ray.exceptions.RayTaskError
+    )
+
+
+def _input_error(e: BaseException) -> bool:
+    from farm.video import VideoError
+
+    return isinstance(_cause(e), (*INPUT_ERRORS, VideoError))
+
+
+def _one_line(e: BaseException, storage_options: dict[str, Any]) -> str:
+    """The root error as one readable line, with credentials removed."""
+    cause = _cause(e)
+    text = str(cause).strip().splitlines()
+    line = text[-1] if isinstance(cause, ray.exceptions.RayError) and text else (text[0] if text else "")
+    if not isinstance(cause, (ModelError, JobError)) and not line.startswith(cause.__class__.__name__):
+        name = cause.__class__.__name__
+        line = f"{name}: {line}" if name not in ("VideoError", "StorageError", "SinkError") else line
+    return storage.redact(line, storage_options)
+
+
+def run_job(spec: JobSpec, address: str | None = None, progress: Progress | None = None, force: bool = False) -> JobResult:
+    """Run a job to completion on a local embedded Ray (or the cluster at ``address``)."""
+    need = math.ceil(spec.resources.actors * spec.resources.cpus_per_actor) + 1
+    ensure_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, need))
+    return JobRunner(spec, progress=progress, force=force).run()

@@ -1,0 +1,233 @@
+"""The job spec: a YAML file parsed with ``safe_load`` into strict, typed pydantic models.
+
+Every error names the file, the line and the field path, e.g.
+``jobs/x.yaml:12 window.overlap: must be smaller than window.frames (16 >= 8)``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+CHANNELS = ("alpha", "fgr", "comp", "rgb", "rgba")
+FORMAT_EXT = {"mp4": "mp4", "mov": "mov", "png": ""}
+PLACEHOLDERS = {"job", "stem", "channel", "ext"}
+
+
+class SpecError(ValueError):
+    """A job file that cannot run; ``str()`` is the one-line message users see."""
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelSpec(_Strict):
+    name: str = Field("keyer", description="Model plugin name (`farm models` lists them).")
+    weights: str | None = Field(
+        None, description="Weights reference: local path, hf://org/repo/file, s3://..., https://...#sha256=..."
+    )
+    params: dict[str, Any] = Field(default_factory=dict, description="Model parameters, passed to the plugin.")
+    device: Literal["auto", "cpu", "cuda"] = Field("auto", description="auto: cuda when the actor has a GPU.")
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+
+    @field_validator("name")
+    @classmethod
+    def _known_model(cls, name: str) -> str:
+        from actors import model_names
+
+        if name not in model_names():
+            raise ValueError(f"unknown model {name!r} (known: {', '.join(model_names())})")
+        return name
+
+
+class WindowSpec(_Strict):
+    frames: int | None = Field(None, ge=1, description="Frames per shard (default: the model's).")
+    overlap: int | None = Field(None, ge=0, description="Frames shared by adjacent shards, blended.")
+    state: Literal["auto", "none", "handoff", "preroll"] = Field(
+        "auto", description="How recurrent state crosses shards; auto = the model's default."
+    )
+    preroll: int = Field(0, ge=0, description="With state=preroll: frames run before each shard, discarded.")
+    blend: Literal["linear", "cosine"] = Field("linear", description="Ramp used across overlaps.")
+
+    @model_validator(mode="after")
+    def _overlap_fits(self) -> WindowSpec:
+        if self.frames is not None and self.overlap is not None:
+            if self.overlap >= self.frames:
+                raise ValueError(f"overlap: must be smaller than window.frames ({self.overlap} >= {self.frames})")
+            if 2 * self.overlap > self.frames:
+                raise ValueError(
+                    f"overlap: must be at most half of window.frames ({self.overlap} > {self.frames // 2})"
+                )
+        if self.state == "preroll" and self.preroll == 0:
+            raise ValueError("preroll: state=preroll needs preroll > 0 frames")
+        return self
+
+
+class OutputSpec(_Strict):
+    uri: str = Field(
+        "out/{job}/{stem}_{channel}.{ext}",
+        description="Template with {job}, {stem}, {channel}, {ext}; png writes a folder of frames.",
+    )
+    channels: list[Literal["alpha", "fgr", "comp", "rgb", "rgba"]] = Field(
+        default_factory=lambda: ["alpha"], min_length=1
+    )
+    format: Literal["mp4", "mov", "png"] = Field("mp4", description="mp4: H.264; mov: ProRes 4444; png: sequence.")
+    quality: int = Field(16, ge=0, le=51, description="x264 CRF (lower is better); ignored by mov and png.")
+    background: tuple[float, float, float] = Field((0.0, 0.0, 0.0), description="RGB in [0,1] under `comp`.")
+    audio: bool = Field(True, description="Carry the source audio into colour outputs (fgr, comp, rgb).")
+
+    @field_validator("uri")
+    @classmethod
+    def _template(cls, uri: str) -> str:
+        names = set(re.findall(r"{(\w*)}", uri))
+        unknown = names - PLACEHOLDERS
+        if unknown:
+            raise ValueError(f"unknown placeholder {{{sorted(unknown)[0]}}} (allowed: job, stem, channel, ext)")
+        if "stem" not in names:
+            raise ValueError("must contain {stem} so that each input video gets its own output")
+        return uri
+
+    @model_validator(mode="after")
+    def _channel_in_uri(self) -> OutputSpec:
+        if len(self.channels) > 1 and "{channel}" not in self.uri:
+            raise ValueError("uri: must contain {channel} when more than one channel is written")
+        if len(set(self.channels)) != len(self.channels):
+            raise ValueError("channels: listed twice")
+        if "rgba" in self.channels and self.format == "mp4":
+            raise ValueError("channels: rgba needs format mov or png (H.264 has no alpha)")
+        return self
+
+
+class ResourcesSpec(_Strict):
+    actors: int = Field(1, ge=1, description="Model actors in the pool (one model load each).")
+    cpus_per_actor: float = Field(1.0, ge=0)
+    gpus_per_actor: float = Field(0.0, ge=0)
+    gpu_memory_gb: float | None = Field(None, gt=0, description="Per-actor GPU memory budget, checked at load.")
+
+
+class JobSpec(_Strict):
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Job name, used in keys.")
+    inputs: list[str] = Field(min_length=1, description="Video URLs or globs (local or fsspec).")
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    window: WindowSpec = Field(default_factory=WindowSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
+    retries: int = Field(2, ge=0, le=20, description="Extra attempts per shard, each on another actor if any.")
+    max_failed_shards: int | None = Field(None, ge=0, description="Stop the job after this many failed shards.")
+    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials).")
+
+    @field_validator("inputs")
+    @classmethod
+    def _inputs_not_blank(cls, inputs: list[str]) -> list[str]:
+        for i, url in enumerate(inputs):
+            if not url.strip():
+                raise ValueError(f"[{i}]: empty input")
+        return inputs
+
+    def fingerprint(self) -> str:
+        """A short hash of what determines the output (not credentials): the job id's suffix."""
+        data = self.model_dump(mode="json", exclude={"storage_options", "resources", "retries", "max_failed_shards"})
+        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+
+    @property
+    def job_id(self) -> str:
+        return f"{self.name}-{self.fingerprint()}"
+
+    def public_dict(self) -> dict[str, Any]:
+        """The spec as JSON for ledgers and logs: storage options are never written."""
+        data = self.model_dump(mode="json")
+        data["storage_options"] = {k: "***" for k in self.storage_options}
+        return data
+
+
+# ---- loading with line numbers ---------------------------------------------------------------
+
+
+def _node_line(root: yaml.Node | None, loc: tuple[Any, ...]) -> int | None:
+    """Line (1-based) of the deepest YAML node along a pydantic error location."""
+    node, line = root, (root.start_mark.line + 1 if root is not None else None)
+    for key in loc:
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                if k.value == key:
+                    node, line = v, k.start_mark.line + 1
+                    break
+            else:
+                return line
+        elif isinstance(node, yaml.SequenceNode) and isinstance(key, int) and key < len(node.value):
+            node = node.value[key]
+            line = node.start_mark.line + 1
+        else:
+            return line
+    return line
+
+
+def _error_message(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
+    loc = tuple(p for p in err["loc"] if not (isinstance(p, str) and ("[" in p or p.startswith("function-"))))
+    msg = err["msg"]
+    msg = re.sub(r"^(Value error|Assertion failed), ", "", msg)
+    if err["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif err["type"] == "missing":
+        msg = "required"
+    elif err["type"] == "literal_error":
+        msg = f"{msg} (got {err.get('input')!r})"
+    # A validator may name a sub-field first ("overlap: must ..."): move it into the path.
+    m = re.match(r"^([a-z_]+(?:\[\d+\])?): (.*)$", msg)
+    if m:
+        loc = loc + (m.group(1),)
+        msg = m.group(2)
+    return loc, msg
+
+
+def _dotted(loc: tuple[Any, ...]) -> str:
+    out = ""
+    for p in loc:
+        if isinstance(p, int) or (isinstance(p, str) and p.startswith("[")):
+            out += f"[{p}]" if isinstance(p, int) else p
+        else:
+            out += ("." if out else "") + str(p)
+    return out or "(top level)"
+
+
+def parse_spec(text: str, source: str = "<job>") -> JobSpec:
+    """Parse job YAML text; raise SpecError with ``source:line field: reason`` on any problem."""
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+        data = yaml.safe_load(text)
+    except yaml.MarkedYAMLError as e:
+        mark = e.problem_mark or e.context_mark
+        line = f":{mark.line + 1}" if mark else ""
+        raise SpecError(f"{source}{line}: invalid YAML ({e.problem or e.context})") from None
+    except yaml.YAMLError as e:
+        raise SpecError(f"{source}: invalid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise SpecError(f"{source}:1: a job file must be a mapping of fields (name, inputs, model, ...)")
+    try:
+        return JobSpec.model_validate(data)
+    except ValidationError as e:
+        first = e.errors()[0]
+        loc, msg = _error_message(first)
+        line = _node_line(root, tuple(p for p in loc if not (isinstance(p, str) and p.startswith("["))))
+        where = f"{source}:{line}" if line else source
+        more = f" (and {e.error_count() - 1} more)" if e.error_count() > 1 else ""
+        raise SpecError(f"{where} {_dotted(loc)}: {msg}{more}") from None
+
+
+def load_spec(path: str | Path) -> JobSpec:
+    """Read a job file from a local path."""
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such job file") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise SpecError(f"{path}: cannot read job file ({e.__class__.__name__})") from None
+    return parse_spec(text, source=str(path))

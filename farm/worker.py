@@ -1,0 +1,174 @@
+"""The model actor: loads a model once, then renders many shards, decoding its own frames.
+
+A shard's result goes straight to storage (core segment, overlap frames, handed-off state), so the
+driver never moves pixels; the actor returns a small record and the state (as a second ObjectRef,
+so the next shard of a chain receives it actor-to-actor through the object store).
+"""
+
+from __future__ import annotations
+
+import io
+import itertools
+import os
+import socket
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from actors.base import State, VideoContext
+from farm import storage
+from farm.channels import channel_frames
+from farm.plan import Shard
+from farm.sinks import OutputTarget, make_sink
+from farm.stitch import to_uint8
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    name: str
+    params: dict[str, Any] = field(default_factory=dict)
+    weights: str | None = None
+    device: str = "auto"
+    dtype: str = "float32"
+    gpu_memory_gb: float | None = None
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything an actor needs to render one shard, and nothing it must look up elsewhere."""
+
+    job_id: str
+    video_key: str
+    url: str
+    shard: Shard
+    targets: dict[str, OutputTarget]  # channel -> where it goes
+    ledger_root: str
+    handoff_at: int | None = None  # frame index at which to capture the state for the next shard
+    state_url: str | None = None  # a saved state to start from (resume), when no state ref is given
+    chunk: int | None = 16  # frames per render call for chunkable models; None = whole shard
+    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def name(self) -> str:
+        return f"{self.job_id}/{self.video_key}/{self.shard.name}"
+
+
+def save_npz(url: str, arrays: dict[str, np.ndarray], storage_options: dict[str, Any]) -> str:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    storage.write_bytes_atomic(url, buf.getvalue(), storage_options)
+    return url
+
+
+def load_npz(url: str, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
+    with np.load(io.BytesIO(storage.read_bytes(url, storage_options)), allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def pick_device(requested: str) -> str:
+    if requested != "auto":
+        return requested
+    import torch
+
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+class ModelWorker:
+    """Plain class (wrapped by ``ray.remote`` in the driver) so it can also be used in-process."""
+
+    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None) -> None:
+        from actors import load_model_class
+
+        t0 = time.perf_counter()
+        self.config = config
+        self.model = load_model_class(config.name)(**config.params)
+        weights = None
+        if config.weights:
+            from farm.weights import resolve
+
+            weights = str(resolve(config.weights, storage_options=storage_options or {}))
+        device = pick_device(config.device) if self.model.needs_weights else "cpu"
+        self.model.load(weights, device=device, dtype=config.dtype)
+        self.load_seconds = time.perf_counter() - t0
+        self.check_memory_budget()
+
+    def check_memory_budget(self) -> None:
+        budget = self.config.gpu_memory_gb
+        used = self.model.memory_bytes()
+        if budget is not None and used > budget * 2**30:
+            raise MemoryError(
+                f"{self.config.name}: the loaded model holds {used / 2**30:.2f} GiB, over the per-actor "
+                f"budget resources.gpu_memory_gb={budget}"
+            )
+
+    def info(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "load_seconds": self.load_seconds}
+
+    def prepare(self, video: VideoContext) -> Any:
+        return self.model.prepare(video)
+
+    def render_shard(self, task: ShardTask, cond: Any, state: State | None) -> tuple[dict[str, Any], State | None]:
+        t0 = time.perf_counter()
+        s = task.shard
+        if state is None and task.state_url:
+            state = load_npz(task.state_url, task.storage_options)
+        from farm.video import read_frames
+
+        run_start = s.start - s.preroll
+        frames = read_frames(task.url, run_start, s.stop, storage_options=task.storage_options)
+        sinks = {ch: make_sink(t) for ch, t in task.targets.items()}
+        cores = {ch: sink.open_piece(f"core-{s.index:04d}", s.core_start) for ch, sink in sinks.items()}
+        heads: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
+        tails: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
+        handoff_state: State | None = None
+        rendered = 0
+
+        for a, b in _render_ranges(run_start, s, task.handoff_at, task.chunk):
+            batch = np.stack(list(itertools.islice(frames, b - a)))  # [t, H, W, 3] uint8
+            if len(batch) != b - a:
+                raise RuntimeError(f"{task.name}: decoded {len(batch)} frames for [{a}, {b}) of {task.url}")
+            outputs, state = self.model.render(batch, cond, state)
+            rendered += b - a
+            if b == task.handoff_at:
+                handoff_state = state
+            if b <= s.start:
+                continue  # preroll: warms the state, output discarded
+            for ch in sinks:
+                out = channel_frames(outputs, ch, task.background)  # [t, H, W, C] float32
+                for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
+                    if max(a, lo) < min(b, hi):
+                        dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
+                lo, hi = max(a, s.core_start), min(b, s.core_stop)
+                if lo < hi:
+                    cores[ch].write(to_uint8(out[lo - a : hi - a]))
+        frames.close()
+
+        record: dict[str, Any] = {"shard": s.to_dict(), "channels": {}, "rendered_frames": rendered}
+        for ch in sinks:
+            entry: dict[str, Any] = {"core": cores[ch].close()}
+            for side, parts in (("head", heads[ch]), ("tail", tails[ch])):
+                if parts:
+                    url = storage.join(task.targets[ch].parts_url, f"{s.name}.{side}.npz")
+                    entry[side] = save_npz(url, {"frames": np.concatenate(parts)}, task.storage_options)
+            record["channels"][ch] = entry
+        if handoff_state is not None:
+            url = storage.join(task.ledger_root, "state", task.video_key, f"{s.name}.npz")
+            record["state_url"] = save_npz(url, handoff_state, task.storage_options)
+        record["seconds"] = time.perf_counter() - t0
+        record["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}
+        return record, handoff_state
+
+
+def _render_ranges(run_start: int, s: Shard, handoff_at: int | None, chunk: int | None) -> list[tuple[int, int]]:
+    """Half-open ranges the shard is rendered in: cut where the preroll ends, where the state is
+    handed off, and every ``chunk`` frames (bounded memory for per-frame and recurrent models)."""
+    cuts = {run_start, s.start, s.stop}
+    if handoff_at is not None and run_start < handoff_at < s.stop:
+        cuts.add(handoff_at)
+    if chunk:
+        cuts.update(range(run_start, s.stop, chunk))
+    edges = sorted(c for c in cuts if run_start <= c <= s.stop)
+    return list(itertools.pairwise(edges))

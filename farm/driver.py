@@ -83,6 +83,18 @@ class JobResult:
 Progress = Callable[[str, dict[str, Any]], None]  # (event, data)
 
 
+def resolve_window(spec: JobSpec, model_cls: type) -> tuple[str, int, int, int]:
+    """(state mode, frames, overlap, preroll): the job's window over the model's defaults."""
+    w, d = spec.window, model_cls.window
+    mode = w.state if w.state != "auto" else d.state
+    frames = w.frames or d.frames
+    overlap = w.overlap if w.overlap is not None else d.overlap
+    if mode == "handoff":
+        overlap = 0  # the state carries the context exactly: overlapping would only render frames twice
+    preroll = w.preroll if mode == "preroll" else 0
+    return mode, frames, overlap, preroll
+
+
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Connect to ``address``, or start an embedded local Ray (dashboard on 127.0.0.1 only)."""
     if ray.is_initialized():
@@ -119,7 +131,7 @@ class JobRunner:
         self.force = force
         self.model_cls = load_model_class(spec.model.name)
         self.ledger = Ledger(ledger_root(spec), self.so)
-        self.mode = spec.window.state if spec.window.state != "auto" else self.model_cls.window.state
+        self.mode, self.frames, self.overlap, self.preroll = resolve_window(spec, self.model_cls)
         for ch in spec.output.channels:
             missing = missing_outputs(ch, self.model_cls.outputs)
             if missing:
@@ -132,18 +144,8 @@ class JobRunner:
 
     # ---- planning ---------------------------------------------------------------------------
 
-    def window(self) -> tuple[int, int, int]:
-        w, d = self.spec.window, self.model_cls.window
-        frames = w.frames or d.frames
-        overlap = w.overlap if w.overlap is not None else d.overlap
-        if self.mode == "handoff":
-            overlap = 0  # the state carries context exactly: overlapping would only re-render frames
-        preroll = w.preroll if self.mode == "preroll" else 0
-        return frames, overlap, preroll
-
     def plan(self, run: VideoRun) -> None:
-        frames, overlap, preroll = self.window()
-        run.shards = plan_shards(run.key, run.info.frame_count, frames, overlap, preroll)
+        run.shards = plan_shards(run.key, run.info.frame_count, self.frames, self.overlap, self.preroll)
         for ch in self.spec.output.channels:
             url = output_url(self.spec, run.input, ch)
             colour = ch in ("fgr", "comp", "rgb", "rgba")
@@ -456,7 +458,7 @@ class JobRunner:
                     self.ledger.mark_shard_done(run.key, i, record)
                     for ch in run.targets:
                         run.pieces[ch].append(record["channels"][ch]["core"])
-                    self.event("shard_done", video=run.key, shard=i, actor=slot, frames=run.shards[i].frames,
+                    self.event("shard_done", video=run.key, shard=i, actor=slot, frames=run.shards[i].stop - run.shards[i].core_start,
                                seconds=record["seconds"])
                     after_shard_done(run, i)
                 elif kind == "blend":
@@ -548,8 +550,19 @@ def _one_line(e: BaseException, storage_options: dict[str, Any]) -> str:
     return storage.redact(line, storage_options)
 
 
+def absolute_local_paths(spec: JobSpec) -> JobSpec:
+    """Local paths are relative to the submitting shell; actors run elsewhere, so make them absolute."""
+
+    def fix(url: str) -> str:
+        return url if "://" in url else os.path.abspath(url)
+
+    output = spec.output.model_copy(update={"uri": fix(spec.output.uri)})
+    return spec.model_copy(update={"inputs": [fix(u) for u in spec.inputs], "output": output})
+
+
 def run_job(spec: JobSpec, address: str | None = None, progress: Progress | None = None, force: bool = False) -> JobResult:
     """Run a job to completion on a local embedded Ray (or the cluster at ``address``)."""
+    spec = absolute_local_paths(spec)
     need = math.ceil(spec.resources.actors * spec.resources.cpus_per_actor) + 1
     ensure_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, need))
     return JobRunner(spec, progress=progress, force=force).run()

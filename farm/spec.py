@@ -203,7 +203,8 @@ def parse_spec(text: str, source: str = "<job>") -> JobSpec:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
         data = yaml.safe_load(text)
     except yaml.MarkedYAMLError as e:
-        mark = e.problem_mark or e.context_mark
+        # An unclosed bracket is reported at the end of the file; where it opened is more useful.
+        mark = e.context_mark or e.problem_mark
         line = f":{mark.line + 1}" if mark else ""
         raise SpecError(f"{source}{line}: invalid YAML ({e.problem or e.context})") from None
     except yaml.YAMLError as e:

@@ -1,0 +1,178 @@
+"""``farm``: a thin command line over the library (``run_job(spec)`` does the work).
+
+Exit codes: 0 every video succeeded, 1 some failed (or the job could not run), 2 a bad job file.
+Errors are one line on stderr; ``--debug`` shows tracebacks.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import click
+
+from farm.spec import SpecError, load_spec
+
+EXIT_OK, EXIT_FAILED, EXIT_SPEC = 0, 1, 2
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"farm: {message}", err=True)
+    sys.exit(code)
+
+
+def _load(job: str):
+    try:
+        return load_spec(job)
+    except SpecError as e:
+        _fail(str(e), EXIT_SPEC)
+
+
+@click.group()
+@click.option("--debug", is_flag=True, help="Show tracebacks.")
+@click.pass_context
+def main(ctx: click.Context, debug: bool) -> None:
+    """Render long videos through video AI models on a Ray cluster."""
+    ctx.obj = {"debug": debug}
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the validated spec as JSON.")
+def validate(job: str, as_json: bool) -> None:
+    """Check a job file without running it."""
+    spec = _load(job)
+    if as_json:
+        click.echo(json.dumps(spec.public_dict(), indent=2))
+    else:
+        click.echo(f"{job}: ok (job id {spec.job_id}, model {spec.model.name}, {len(spec.inputs)} input pattern(s))")
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True)
+def plan(job: str, as_json: bool) -> None:
+    """Dry run: probe the inputs and print the shards of every video."""
+    from rich.console import Console
+    from rich.table import Table
+
+    from actors import load_model_class
+    from farm.driver import resolve_window
+    from farm.inputs import expand_inputs
+    from farm.plan import PlanError, plan_shards
+    from farm.video import VideoError, probe
+
+    spec = _load(job)
+    mode, frames, overlap, preroll = resolve_window(spec, load_model_class(spec.model.name))
+    videos, errors = expand_inputs(spec.inputs, spec.storage_options)
+    doc: dict[str, Any] = {"job": spec.job_id, "mode": mode, "videos": {}, "errors": list(errors)}
+    for v in videos:
+        try:
+            info = probe(v.url, spec.storage_options)
+            shards = plan_shards(v.key, info.frame_count, frames, overlap, preroll)
+            doc["videos"][v.url] = {"frames": info.frame_count, "fps": str(info.fps), "size": [info.width, info.height],
+                                   "shards": [s.to_dict() for s in shards]}
+        except (VideoError, PlanError) as e:
+            doc["errors"].append(f"{v.url}: {e}")
+    if as_json:
+        click.echo(json.dumps(doc, indent=2))
+        return
+    console = Console()
+    console.print(f"job {spec.job_id}: model {spec.model.name}, state {mode}, window {frames} "
+                  f"frames, overlap {overlap}" + (f", preroll {preroll}" if preroll else ""))
+    for url, v in doc["videos"].items():
+        table = Table(title=f"{url} ({v['frames']} frames, {v['fps']} fps, {v['size'][0]}x{v['size'][1]})")
+        for col in ("shard", "frames", "core", "preroll"):
+            table.add_column(col)
+        for s in v["shards"]:
+            table.add_row(f"shard-{s['index']:04d}", f"[{s['start']}, {s['stop']})",
+                          f"[{s['core_start']}, {s['core_stop']})", str(s["preroll"]))
+        console.print(table)
+    for line in doc["errors"]:
+        click.echo(f"farm: {line}", err=True)
+    if doc["errors"]:
+        sys.exit(EXIT_FAILED)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="Ray cluster address (default: an embedded local Ray).")
+@click.option("--force", is_flag=True, help="Render again what the ledger says is done.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.pass_context
+def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet: bool, as_json: bool) -> None:
+    """Render every input video of JOB and commit the outputs."""
+    from farm.driver import JobError, run_job
+    from farm.progress import ProgressBar
+
+    spec = _load(job)
+    try:
+        with ProgressBar(enabled=not quiet and not as_json) as bar:
+            result = run_job(spec, address=address, progress=bar.update, force=force)
+    except JobError as e:
+        _fail(str(e), EXIT_FAILED)
+    except Exception as e:  # one line, never a traceback, unless --debug
+        if ctx.obj["debug"]:
+            raise
+        from farm.storage import redact
+
+        _fail(redact(f"{e.__class__.__name__}: {e}".splitlines()[0], spec.storage_options), EXIT_FAILED)
+    m = result.manifest
+    if as_json:
+        click.echo(json.dumps(m, indent=2))
+    else:
+        for key, v in m["videos"].items():
+            outs = ", ".join(o["url"] for o in v["outputs"].values()) if v["outputs"] else ""
+            line = f"{v['status']:9s} {v['url']}" + (f" -> {outs}" if outs else "") + (f": {v['error']}" if v["error"] else "")
+            click.echo(line, err=v["status"] == "failed")
+        n = len(m["videos"])
+        ok = sum(v["status"] in ("succeeded", "skipped") for v in m["videos"].values())
+        click.echo(f"job {m['job']}: {ok}/{n} videos done in {m['seconds']:.1f}s; manifest {result.manifest_url}")
+    for line in m["input_errors"]:
+        click.echo(f"farm: {line}", err=True)
+    sys.exit(EXIT_OK if result.ok and not m["input_errors"] else EXIT_FAILED)
+
+
+@main.command()
+def models() -> None:
+    """List the model plugins."""
+    from actors import load_model_class, model_names
+
+    for name in model_names():
+        try:
+            cls = load_model_class(name)
+            w = cls.window
+            click.echo(f"{name:10s} outputs={','.join(cls.outputs)} window={w.frames} overlap={w.overlap} "
+                       f"state={w.state} weights={'yes' if cls.needs_weights else 'no'}")
+        except Exception as e:  # a broken third-party plugin must not hide the others
+            click.echo(f"{name:10s} (cannot load: {e.__class__.__name__}: {e})")
+
+
+@main.command()
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option("--frames", default=96, show_default=True)
+@click.option("--size", default="320x240", show_default=True, help="WIDTHxHEIGHT")
+@click.option("--fps", default="24", show_default=True, help="Frame rate, e.g. 24 or 30000/1001")
+@click.option("--key", type=click.Choice(["green", "blue"]), default="green", show_default=True)
+@click.option("--seed", default=0, show_default=True)
+def sample(out: str, frames: int, size: str, fps: str, key: str, seed: int) -> None:
+    """Write a synthetic green-screen clip and its ground-truth alpha (OUT and OUT's .alpha.npz)."""
+    from fractions import Fraction
+
+    from farm.sample import write_sample
+
+    try:
+        width, height = (int(x) for x in size.lower().split("x"))
+        rate = Fraction(fps)
+    except ValueError:
+        _fail(f"--size {size} / --fps {fps}: expected WIDTHxHEIGHT and a number or fraction", EXIT_SPEC)
+    Path(out).parent.mkdir(parents=True, exist_ok=True)
+    video, alpha = write_sample(out, frames=frames, width=width, height=height, fps=rate, key=key, seed=seed)
+    click.echo(f"wrote {video} and {alpha}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,564 @@
+"""Video I/O: probe, frame-accurate range decode, per-shard segment encode and remux concat.
+
+Frames are ``uint8 [H, W, C]`` numpy arrays (RGB when decoded). Frame *i* always means the i-th frame of
+a sequential full decode; ranges are half-open ``[start, stop)``. No torch here: actors and the driver
+import this module alike.
+
+Decisions (why):
+- Reads map decoded frames to indices from pts on the ``1/fps`` grid (rounded, so the millisecond
+  timestamps of Matroska and NTSC rates like 45000/1499 land exactly), count forward from the keyframe
+  and cross-check every frame. A file whose pts leave the grid (variable frame rate) is read again
+  through an exact pts-rank index built by demuxing (no decode).
+- Segments are H.264 without B-frames (dts == pts == frame index), each starting with an IDR frame, so
+  remuxing them end to end gives monotonic timestamps and no re-encode. Odd widths or heights use
+  yuv444p (4:2:0 needs even sizes; padding would change the output size). RGB is tagged BT.709
+  limited range; gray (channels=1) goes in as full-range luma with neutral chroma, so 256 levels survive.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import heapq
+import itertools
+import os
+import re
+from collections.abc import Iterator
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import Any
+
+import av
+import fsspec
+import numpy as np
+
+# ffmpeg enum values (libavutil/pixfmt.h)
+_RANGE_MPEG, _RANGE_JPEG = 1, 2
+_SPC_BT709 = 1
+
+# Audio codecs each container takes as they are (by ffmpeg codec name); others are transcoded to AAC.
+_AUDIO_COPY_OK = {
+    "mp4": {"aac", "mp3", "ac3", "eac3", "alac", "flac", "opus"},
+    "mov": {"aac", "mp3", "ac3", "eac3", "alac", "pcm_s16le", "pcm_s24le", "pcm_f32le", "pcm_s16be"},
+}
+
+
+class VideoError(RuntimeError):
+    """A video that cannot be read or written; the message is one line naming the input."""
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What the planner and the sinks need to know about one input video."""
+
+    url: str
+    frame_count: int
+    fps_num: int
+    fps_den: int
+    width: int
+    height: int
+    rotation: int  # degrees counter-clockwise from the display matrix (ffprobe's sign), 0 if none
+    pix_fmt: str
+    codec: str
+    duration: float  # seconds of video: frame_count / fps
+    has_audio: bool
+    audio_codec: str | None = None
+
+    @property
+    def fps(self) -> Fraction:
+        return Fraction(self.fps_num, self.fps_den)
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VideoInfo:
+        return cls(**{f.name: d[f.name] for f in dataclasses.fields(cls) if f.name in d})
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
+
+
+def _is_local(url: str) -> bool:
+    return "://" not in url or url.startswith("file://")
+
+
+@contextlib.contextmanager
+def _open(url: str, storage_options: dict | None = None) -> Iterator[Any]:
+    """An input container for a local path or any fsspec URL, with errors turned into VideoError."""
+    try:
+        if _is_local(url):
+            path = url[len("file://") :] if url.startswith("file://") else url
+            if not os.path.exists(path):
+                raise VideoError(f"{url}: no such file")
+            if os.path.isdir(path):
+                raise VideoError(f"{url}: is a directory")
+            if os.path.getsize(path) == 0:
+                raise VideoError(f"{url}: not a video file (empty file)")
+            with av.open(path, "r") as c:
+                yield c
+        else:
+            with fsspec.open(url, "rb", **(storage_options or {})) as f, av.open(f, "r") as c:
+                yield c
+    except VideoError:
+        raise
+    except FileNotFoundError as e:
+        raise VideoError(f"{url}: no such file") from e
+    except av.InvalidDataError as e:
+        raise VideoError(f"{url}: not a video file (invalid data)") from e
+    except (av.FFmpegError, OSError) as e:
+        raise VideoError(f"{url}: {_one_line(e)}") from e
+
+
+def _video_stream(c: Any, url: str) -> Any:
+    if not c.streams.video:
+        raise VideoError(f"{url}: no video stream")
+    return c.streams.video[0]
+
+
+def _rate(v: Any, url: str) -> Fraction:
+    for r in (v.average_rate, v.guessed_rate, v.base_rate):
+        if r:
+            return Fraction(r)
+    raise VideoError(f"{url}: no frame rate")
+
+
+def _frame_packets(c: Any, v: Any) -> Iterator[Any]:
+    """Packets that become frames: skips the demuxer's empty flush packets and edit-list discards."""
+    for pkt in c.demux(v):
+        if pkt.size and not pkt.is_discard:
+            yield pkt
+
+
+def _trust_container_count(c: Any, v: Any, fps: Fraction) -> bool:
+    """mp4/mov sample tables are exact unless an edit list cut frames (then duration disagrees)."""
+    if v.frames <= 0 or "mp4" not in c.format.name or v.duration is None or v.time_base is None:
+        return False
+    return abs(v.duration * v.time_base * fps - v.frames) < Fraction(1, 2)
+
+
+def probe(url: str, storage_options: dict | None = None) -> VideoInfo:
+    """Read what planning needs; the frame count is exact (packets counted when the container's is not)."""
+    with _open(url, storage_options) as c:
+        v = _video_stream(c, url)
+        fps = _rate(v, url)
+        trusted = _trust_container_count(c, v, fps)
+        count, rotation = 0, None
+        try:
+            for pkt in _frame_packets(c, v):
+                if rotation is None:
+                    frames = pkt.decode()
+                    if frames:
+                        rotation = int(frames[0].rotation)
+                count += 1
+                if trusted and rotation is not None:
+                    break  # the sample table is exact: only the first frame was needed
+            if rotation is None:  # a short clip still in the decoder's reorder delay: drain it
+                frames = v.codec_context.decode(None)
+                rotation = int(frames[0].rotation) if frames else 0
+        except av.FFmpegError as e:
+            raise VideoError(f"{url}: {_one_line(e)}") from e
+        if trusted:
+            count = v.frames
+        if count == 0:
+            raise VideoError(f"{url}: no video frames")
+        audio = c.streams.audio[0] if c.streams.audio else None
+        return VideoInfo(
+            url=url,
+            frame_count=int(count),
+            fps_num=fps.numerator,
+            fps_den=fps.denominator,
+            width=int(v.codec_context.width),
+            height=int(v.codec_context.height),
+            rotation=rotation or 0,
+            pix_fmt=str(v.codec_context.pix_fmt),
+            codec=v.codec_context.codec.canonical_name,
+            duration=float(count / fps),
+            has_audio=audio is not None,
+            audio_codec=audio.codec_context.codec.canonical_name if audio is not None else None,
+        )
+
+
+def decoded_frame_count(path: str, storage_options: dict | None = None) -> int:
+    """Frames in a file, counted as video packets by demuxing (no decode): verifies written segments."""
+    with _open(path, storage_options) as c:
+        v = _video_stream(c, path)
+        try:
+            return sum(1 for _ in _frame_packets(c, v))
+        except av.FFmpegError as e:
+            raise VideoError(f"{path}: {_one_line(e)}") from e
+
+
+# Frames decoded by read_frames in this process, kept so tests can show a late start does not decode
+# from frame 0.
+_STATS = {"decoded": 0}
+
+
+class _OffGrid(Exception):
+    """A frame's pts is not where a constant frame rate puts it: read through the exact index instead."""
+
+
+class _Grid:
+    """Constant-rate mapping: index = round((pts - first_pts) * time_base * fps)."""
+
+    sequential = True
+
+    def __init__(self, v: Any, fps: Fraction):
+        self.t0 = v.start_time or 0
+        self.ticks = Fraction(1) / (fps * v.time_base)  # pts ticks per frame
+
+    def index(self, pts: int) -> int:
+        return round((pts - self.t0) / self.ticks)
+
+    def pts(self, i: int) -> int:
+        return self.t0 + int(i * self.ticks)
+
+
+class _Ranks:
+    """Exact mapping for any timing: frame i has the i-th smallest pts of the stream's packets."""
+
+    sequential = False
+
+    def __init__(self, c: Any, v: Any):
+        self.sorted = sorted(p.pts for p in _frame_packets(c, v) if p.pts is not None)  # [N] int
+        self.rank = {p: i for i, p in enumerate(self.sorted)}
+
+    def index(self, pts: int) -> int:
+        i = self.rank.get(pts)
+        if i is None:  # a decoder-invented pts: the nearest packet's rank
+            i = int(np.searchsorted(self.sorted, pts).clip(0, len(self.sorted) - 1))
+        return i
+
+    def pts(self, i: int) -> int:
+        return self.sorted[min(i, len(self.sorted) - 1)]
+
+
+def _prime_decoder(c: Any, v: Any) -> list[Any]:
+    """Read the first packet and return it; for H.264 from x264, tell the decoder the x264 build.
+
+    Old x264 builds (< 151) wrote 4:4:4 streams that ffmpeg decodes right only when it knows the build,
+    which it learns from an SEI in the first packet; a seek skips that packet and decodes garbage
+    (cockatoo.mp4). The ``x264_build`` decoder option gives the build to a decoder that starts later.
+    """
+    first = next(iter(c.demux(v)), None)
+    if first is None:
+        return []
+    if v.codec_context.name == "h264":
+        m = re.search(rb"x264 - core (\d+)", bytes(first))
+        if m:
+            v.codec_context.options = {**v.codec_context.options, "x264_build": m.group(1).decode()}
+    return [first]
+
+
+def _decode_range(c: Any, v: Any, start: int, stop: int, mapping: Any, seek_to: int | None):
+    """Yield ``(index, frame)`` for [start, stop); raise _SeekLate if the seek landed after start."""
+    head = _prime_decoder(c, v)
+    if seek_to is not None:
+        c.seek(mapping.pts(seek_to), stream=v, backward=True, any_frame=False)
+        head = []
+    started = False
+    expected = 0 if seek_to is None else None
+    for pkt in itertools.chain(head, c.demux(v)):
+        if not started:
+            if not pkt.size:
+                break
+            if pkt.is_discard or pkt.pts is None or not pkt.is_keyframe:
+                continue  # decoding starts at a keyframe
+            if seek_to is not None and mapping.index(pkt.pts) > start:
+                raise _SeekLate(mapping.index(pkt.pts))
+            started = True
+        for frame in pkt.decode():
+            _STATS["decoded"] += 1
+            if frame.pts is None:
+                if expected is None:
+                    raise _OffGrid
+                i = expected
+            else:
+                i = mapping.index(frame.pts)
+                if mapping.sequential and expected is not None and i != expected:
+                    raise _OffGrid
+            expected = i + 1
+            if i >= stop:
+                return
+            if i >= start:
+                yield i, frame
+
+
+class _SeekLate(Exception):
+    def __init__(self, keyframe_index: int):
+        self.keyframe_index = keyframe_index
+
+
+def read_frames(url: str, start: int, stop: int, storage_options: dict | None = None) -> Iterator[np.ndarray]:
+    """Yield frames [start, stop) as ``uint8 [H, W, 3]`` RGB: seek to the keyframe at or before start,
+    decode forward, drop the frames before start. A generator: memory stays at one GOP of decoder state."""
+    if start < 0 or stop < start:
+        raise ValueError(f"bad frame range [{start}, {stop})")
+    if stop == start:
+        return
+    done: list[int] = []  # pts of the frames yielded so far
+    try:
+        yield from _read(url, start, stop, storage_options, None, done)
+        return
+    except _OffGrid:
+        pass  # pts left the constant-rate grid: go on through the exact pts-rank index
+    with _open(url, storage_options) as c:
+        ranks = _Ranks(c, _video_stream(c, url))
+    if [ranks.index(p) for p in done] != list(range(start, start + len(done))):
+        raise VideoError(f"{url}: variable frame rate before frame {start}: frames were mis-numbered")
+    yield from _read(url, start + len(done), stop, storage_options, ranks, done)
+
+
+def _read(
+    url: str, start: int, stop: int, storage_options: dict | None, ranks: _Ranks | None, done: list[int]
+) -> Iterator[np.ndarray]:
+    """The decode loop of read_frames; ``ranks`` None maps pts on the constant-rate grid (raising
+    _OffGrid where a frame is off it); appends each yielded frame's pts to ``done``."""
+    target: int | None = start if start > 0 else None
+    step = 1
+    yielded = 0
+    while True:
+        with _open(url, storage_options) as c:
+            v = _video_stream(c, url)
+            v.thread_type = "AUTO"
+            mapping = ranks if ranks is not None else _Grid(v, _rate(v, url))
+            try:
+                for i, frame in _decode_range(c, v, start, stop, mapping, target):
+                    if i != start + yielded:
+                        raise VideoError(f"{url}: frame {start + yielded} missing (decoded {i} next)")
+                    yield frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                    done.append(frame.pts)
+                    yielded += 1
+            except _SeekLate as late:
+                # the demuxer landed on a later keyframe (its dts is before our pts target): aim earlier
+                nxt = min(target or 0, late.keyframe_index - 1) - step
+                step *= 2
+                target = nxt if nxt > 0 else None
+                continue
+            except av.FFmpegError as e:
+                raise VideoError(f"{url}: {_one_line(e)}") from e
+        break
+    if yielded < stop - start:
+        raise VideoError(
+            f"{url}: asked for frames [{start}, {stop}) but the video ends at frame {start + yielded}"
+        )
+
+
+class SegmentWriter:
+    """Encode one shard's frames into a segment that concatenates by remux (RVM-style write/close).
+
+    mp4: H.264 (libx264, crf=quality, no B-frames, IDR first); yuv420p, or yuv444p for odd sizes.
+    mov: ProRes 4444 (prores_ks), yuva444p10le with alpha when channels == 4; ``quality`` is unused
+    (ProRes rate comes from its profile).
+    """
+
+    def __init__(
+        self,
+        path: str,
+        fps: Fraction,
+        width: int,
+        height: int,
+        format: str = "mp4",
+        channels: int = 3,
+        quality: int = 16,
+        preset: str = "medium",
+    ):
+        if format not in ("mp4", "mov"):
+            raise ValueError(f"format must be mp4 or mov, not {format!r}")
+        if channels not in (1, 3, 4):
+            raise ValueError(f"channels must be 1, 3 or 4, not {channels}")
+        if format == "mp4" and channels == 4:
+            raise ValueError("mp4 (H.264) has no alpha: use format='mov' for channels=4")
+        self.path, self.fps = path, Fraction(fps)
+        self.width, self.height, self.channels = int(width), int(height), channels
+        self.frames = 0
+        try:
+            self._c = av.open(path, "w", format=format)
+        except (av.FFmpegError, OSError) as e:
+            raise VideoError(f"{path}: {_one_line(e)}") from e
+        if format == "mp4":
+            odd = self.width % 2 or self.height % 2
+            self._pix = "yuv444p" if odd else "yuv420p"
+            opts = {"crf": str(quality), "preset": preset, "bf": "0"}
+            s = self._c.add_stream("libx264", rate=self.fps, options=opts)
+            s.max_b_frames = 0
+        else:
+            self._pix = "yuva444p10le" if channels == 4 else "yuv444p10le"
+            s = self._c.add_stream("prores_ks", rate=self.fps, options={"profile": "4444", "vendor": "apl0"})
+        s.width, s.height, s.pix_fmt = self.width, self.height, self._pix
+        self._tb = Fraction(1) / self.fps
+        s.time_base = self._tb  # pts = frame index
+        self._gray = channels == 1 and format == "mp4"
+        s.color_range = _RANGE_JPEG if self._gray else _RANGE_MPEG
+        s.colorspace = _SPC_BT709
+        self._s = s
+
+    def write(self, frame: np.ndarray) -> None:
+        """Append one ``uint8 [H, W, C]`` frame (``[H, W]`` is accepted for channels=1)."""
+        if frame.ndim == 2:
+            frame = frame[:, :, None]
+        want = (self.height, self.width, self.channels)
+        if frame.dtype != np.uint8 or frame.shape != want:
+            raise ValueError(f"{self.path}: frame must be uint8 {want}, got {frame.dtype} {frame.shape}")
+        if self._gray:  # full-range luma, neutral chroma: all 256 levels survive
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame[:, :, 0]), format="gray")
+            vf = vf.reformat(format=self._pix, src_color_range="JPEG", dst_color_range="JPEG")
+        else:
+            if self.channels == 1:
+                frame = np.repeat(frame, 3, axis=2)
+            fmt = "rgba" if self.channels == 4 else "rgb24"
+            vf = av.VideoFrame.from_ndarray(np.ascontiguousarray(frame), format=fmt)
+            vf = vf.reformat(format=self._pix, dst_colorspace="ITU709", dst_color_range="MPEG")
+        vf.pts = self.frames
+        vf.time_base = self._tb  # not the stream's: the mp4 muxer changes that at the header
+        self._mux(self._s.encode(vf))
+        self.frames += 1
+
+    def _mux(self, packets: list) -> None:
+        try:
+            self._c.mux(packets)
+        except av.FFmpegError as e:
+            raise VideoError(f"{self.path}: {_one_line(e)}") from e
+
+    def close(self) -> int:
+        """Flush the encoder and finish the file; returns the number of frames written."""
+        if self._c is not None:
+            try:
+                self._mux(self._s.encode(None))
+            finally:
+                self._c.close()
+                self._c = None
+        return self.frames
+
+    def __enter__(self) -> SegmentWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _audio_packets(
+    url: str, storage_options: dict | None, out: Any, fmt: str, duration: Fraction
+) -> Iterator[Any]:
+    """The source's audio as packets of a new output stream, trimmed to ``duration`` seconds of video.
+
+    Copied as they are when the container takes the codec, else transcoded to AAC. Trimming is per
+    packet (an audio frame, ~20 ms), so the audio ends within one packet of the video.
+    """
+    with _open(url, storage_options) as c:
+        if not c.streams.audio:
+            return
+        a = c.streams.audio[0]
+        v0 = c.streams.video[0].start_time if c.streams.video else None
+        v0_s = Fraction(v0 or 0) * (c.streams.video[0].time_base if c.streams.video else 1)
+        name = a.codec_context.codec.canonical_name
+        if name in _AUDIO_COPY_OK[fmt]:
+            o = out.add_stream_from_template(a)
+            o.time_base = a.time_base
+            yield o  # the stream first, so the caller can write the header
+            shift = round(v0_s / a.time_base)  # keep A/V alignment relative to the first video frame
+            for pkt in c.demux(a):
+                if not pkt.size or pkt.pts is None:
+                    continue
+                t = (pkt.pts - shift) * a.time_base
+                if t >= duration:
+                    break
+                if t + (pkt.duration or 0) * a.time_base <= 0:
+                    continue
+                pkt.pts -= shift
+                pkt.dts = (pkt.dts if pkt.dts is not None else pkt.pts + shift) - shift
+                pkt.stream = o
+                yield pkt
+            return
+        rate = a.codec_context.sample_rate or 48000
+        o = out.add_stream("aac", rate=rate, layout=a.codec_context.layout.name or "stereo")
+        o.bit_rate = 192_000
+        yield o
+        for frame in c.decode(a):
+            if frame.pts is not None and (frame.pts * a.time_base - v0_s) >= duration:
+                break
+            frame.pts = None  # the encoder numbers samples from 0
+            yield from o.encode(frame)
+        yield from o.encode(None)
+
+
+def concat_segments(
+    segments: list[str], out_path: str, audio_from: str | None = None, storage_options: dict | None = None
+) -> int:
+    """Remux segments end to end into ``out_path`` without re-encoding; returns the total frame count.
+
+    Each segment's pts/dts are offset by the frames before it. The segments must share codec, size, rate
+    and codec extradata (SPS/PPS), as segments from one SegmentWriter configuration do; anything else is a
+    VideoError, because fixing it would need a re-encode. ``audio_from`` (the source URL) gives the audio.
+    """
+    if not segments:
+        raise ValueError("concat_segments needs at least one segment")
+    fmt = "mov" if out_path.lower().endswith(".mov") else "mp4"
+    with _open(segments[0]) as c0:
+        t = _video_stream(c0, segments[0])
+        ref = (
+            t.codec_context.name,
+            t.codec_context.width,
+            t.codec_context.height,
+            t.time_base,
+            bytes(t.codec_context.extradata or b""),
+        )
+        fps = _rate(t, segments[0])
+        try:
+            out = av.open(out_path, "w", format=fmt, options={"movflags": "faststart"})
+        except (av.FFmpegError, OSError) as e:
+            raise VideoError(f"{out_path}: {_one_line(e)}") from e
+        ov = out.add_stream_from_template(t)
+        ov.time_base = t.time_base
+    ticks = Fraction(1) / (fps * ref[3])  # time-base ticks per frame
+    total = 0
+
+    def video() -> Iterator[Any]:
+        nonlocal total
+        for seg in segments:
+            with _open(seg) as c:
+                s = _video_stream(c, seg)
+                got = (
+                    s.codec_context.name,
+                    s.codec_context.width,
+                    s.codec_context.height,
+                    s.time_base,
+                    bytes(s.codec_context.extradata or b""),
+                )
+                if got != ref:
+                    what = ["codec", "width", "height", "time base", "codec extradata"]
+                    diff = [w for w, a, b in zip(what, got, ref, strict=True) if a != b]
+                    raise VideoError(f"{seg}: cannot concat without re-encoding ({', '.join(diff)} differ)")
+                off = round(total * ticks)
+                n = 0
+                for pkt in _frame_packets(c, s):
+                    pkt.pts += off
+                    pkt.dts += off
+                    pkt.stream = ov
+                    n += 1
+                    yield pkt
+                total += n
+
+    try:
+        streams = []
+        audio = iter(())
+        if audio_from is not None:
+            # video duration = sum of segment frame counts / fps, known before muxing from the packet counts
+            n_frames = sum(decoded_frame_count(s) for s in segments)
+            audio = _audio_packets(audio_from, storage_options, out, fmt, Fraction(n_frames) / fps)
+            first = next(audio, None)
+            if first is not None:
+                streams.append(first)
+        vpk = video()
+
+        def key(p: Any) -> float:
+            return float(p.dts * p.time_base)
+
+        for pkt in heapq.merge(vpk, audio, key=key):  # interleave by time: bounded muxer buffering
+            out.mux(pkt)
+    except av.FFmpegError as e:
+        out.close()
+        raise VideoError(f"{out_path}: {_one_line(e)}") from e
+    out.close()
+    return total

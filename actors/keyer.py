@@ -1,8 +1,10 @@
 """Chroma keyer for green and blue screens: CPU only, no weights. The quickstart's embedded default.
 
-Alpha comes from the distance to the key colour in the CbCr plane (brightness-independent, so an
-unevenly lit screen still keys), mapped through a smooth ramp between two thresholds. ``fgr`` is the
-source with the key colour's spill suppressed (the key channel limited by the other two).
+Alpha is a difference key (Vlahos): how much the key's dominant channel exceeds the larger of the
+other two, relative to the screen's own excess ``S``. For a pixel mixing foreground and screen that
+excess falls linearly with coverage, so soft edges (hair, motion blur) get soft alpha, and an unevenly
+lit screen still keys because the excess barely changes with brightness. ``fgr`` is the source with
+the key colour's spill suppressed (the key channel limited by the other two).
 """
 
 from __future__ import annotations
@@ -13,29 +15,22 @@ import numpy as np
 
 from actors.base import ModelError, Outputs, State, VideoContext, VideoModel, WindowSpec
 
-KEY_COLOURS = {"green": (0.0, 0.7, 0.25), "blue": (0.1, 0.2, 0.75)}
-
-# BT.601 RGB -> (Cb, Cr), values in [0,1] in, roughly [-0.5, 0.5] out.
-_CBCR = np.array([[-0.168736, -0.331264, 0.5], [0.5, -0.418688, -0.081312]], dtype=np.float32).T
-
-
-def _cbcr(rgb: np.ndarray) -> np.ndarray:
-    """``float32 [..., 3]`` RGB in [0,1] -> ``[..., 2]`` chroma."""
-    return rgb @ _CBCR
+KEY_COLOURS = {"green": (0.15, 0.68, 0.27), "blue": (0.12, 0.25, 0.75)}
 
 
 class ChromaKeyer(VideoModel):
-    """Params: ``key`` ("green", "blue", "auto" or [r, g, b] in 0..255), ``low`` and ``high``
-    (chroma distances: at or below ``low`` alpha is 0, at or above ``high`` it is 1), ``despill``."""
+    """Params: ``key`` ("green", "blue", "auto" or [r, g, b] in 0..255); ``low`` and ``high`` as
+    fractions of the screen's excess: above ``high`` of it a pixel is screen (alpha 0), below ``low``
+    it is foreground (alpha 1), linear between; ``despill``."""
 
     name: ClassVar[str] = "keyer"
     window: ClassVar[WindowSpec] = WindowSpec(frames=48, overlap=8, state="none")
     outputs: ClassVar[tuple[str, ...]] = ("alpha", "fgr")
 
-    def __init__(self, key: Any = "green", low: float = 0.12, high: float = 0.22, despill: bool = True) -> None:
+    def __init__(self, key: Any = "green", low: float = 0.1, high: float = 0.9, despill: bool = True) -> None:
         super().__init__(key=key, low=low, high=high, despill=despill)
-        if not 0 <= low < high:
-            raise ModelError(f"keyer: need 0 <= low < high (got low={low}, high={high})")
+        if not 0 <= low < high <= 1:
+            raise ModelError(f"keyer: need 0 <= low < high <= 1 (got low={low}, high={high})")
         self.low, self.high, self.despill = float(low), float(high), bool(despill)
         self.key = key
 
@@ -61,21 +56,30 @@ class ChromaKeyer(VideoModel):
     def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
         key_rgb = cond["key_rgb"] if cond else self._key_rgb(None)
         rgb = frames.astype(np.float32) / 255.0  # [T, H, W, 3]
-        key_chroma = _cbcr(key_rgb)  # [2]
-        dist = np.linalg.norm(_cbcr(rgb) - key_chroma, axis=-1, keepdims=True)  # [T, H, W, 1]
-        x = np.clip((dist - self.low) / (self.high - self.low), 0.0, 1.0)
-        alpha = x * x * (3.0 - 2.0 * x)  # smoothstep: soft edges without a kink at the thresholds
+        c, (o1, o2) = _channels(key_rgb)
+        screen_excess = float(key_rgb[c] - max(key_rgb[o1], key_rgb[o2]))
+        if screen_excess <= 0.05:
+            raise ModelError(f"keyer: key colour {np.round(key_rgb * 255).tolist()} is not a saturated screen colour")
+        excess = rgb[..., c] - np.maximum(rgb[..., o1], rgb[..., o2])  # [T, H, W]
+        hi, lo = self.high * screen_excess, self.low * screen_excess
+        alpha = np.clip((hi - excess) / (hi - lo), 0.0, 1.0)[..., None]  # [T, H, W, 1]
         fgr = _suppress_spill(rgb, key_rgb) if self.despill else rgb
         return {"alpha": alpha.astype(np.float32), "fgr": fgr.astype(np.float32)}, None
 
 
 def _suppress_spill(rgb: np.ndarray, key_rgb: np.ndarray) -> np.ndarray:
     """Limit the key's dominant channel to the larger of the other two (classic green/blue despill)."""
-    c = int(np.argmax(key_rgb))
-    others = [i for i in range(3) if i != c]
+    c, (o1, o2) = _channels(key_rgb)
     out = rgb.copy()
-    out[..., c] = np.minimum(rgb[..., c], np.maximum(rgb[..., others[0]], rgb[..., others[1]]))
+    out[..., c] = np.minimum(rgb[..., c], np.maximum(rgb[..., o1], rgb[..., o2]))
     return out
+
+
+def _channels(key_rgb: np.ndarray) -> tuple[int, tuple[int, int]]:
+    """The key's dominant channel and the other two."""
+    c = int(np.argmax(key_rgb))
+    o1, o2 = (i for i in range(3) if i != c)
+    return c, (o1, o2)
 
 
 def _estimate_key(frame: np.ndarray) -> np.ndarray:

@@ -31,7 +31,9 @@ def commit_output(target: OutputTarget, pieces: list[dict[str, Any]]) -> dict[st
     covered = 0
     for p in sorted(pieces, key=lambda p: p["start"]):
         if p["start"] != covered:
-            raise ValueError(f"{target.url}: pieces leave a gap or overlap at frame {covered} (next starts {p['start']})")
+            raise ValueError(
+                f"{target.url}: pieces leave a gap or overlap at frame {covered} (next starts {p['start']})"
+            )
         covered += p["frames"]
     sink = make_sink(target)
     try:

@@ -72,23 +72,33 @@ def plan(job: str, as_json: bool) -> None:
         try:
             info = probe(v.url, spec.storage_options)
             shards = plan_shards(v.key, info.frame_count, frames, overlap, preroll)
-            doc["videos"][v.url] = {"frames": info.frame_count, "fps": str(info.fps), "size": [info.width, info.height],
-                                   "shards": [s.to_dict() for s in shards]}
+            doc["videos"][v.url] = {
+                "frames": info.frame_count,
+                "fps": str(info.fps),
+                "size": [info.width, info.height],
+                "shards": [s.to_dict() for s in shards],
+            }
         except (VideoError, PlanError) as e:
             doc["errors"].append(f"{v.url}: {e}")
     if as_json:
         click.echo(json.dumps(doc, indent=2))
         return
     console = Console()
-    console.print(f"job {spec.job_id}: model {spec.model.name}, state {mode}, window {frames} "
-                  f"frames, overlap {overlap}" + (f", preroll {preroll}" if preroll else ""))
+    console.print(
+        f"job {spec.job_id}: model {spec.model.name}, state {mode}, window {frames} "
+        f"frames, overlap {overlap}" + (f", preroll {preroll}" if preroll else "")
+    )
     for url, v in doc["videos"].items():
         table = Table(title=f"{url} ({v['frames']} frames, {v['fps']} fps, {v['size'][0]}x{v['size'][1]})")
         for col in ("shard", "frames", "core", "preroll"):
             table.add_column(col)
         for s in v["shards"]:
-            table.add_row(f"shard-{s['index']:04d}", f"[{s['start']}, {s['stop']})",
-                          f"[{s['core_start']}, {s['core_stop']})", str(s["preroll"]))
+            table.add_row(
+                f"shard-{s['index']:04d}",
+                f"[{s['start']}, {s['stop']})",
+                f"[{s['core_start']}, {s['core_stop']})",
+                str(s["preroll"]),
+            )
         console.print(table)
     for line in doc["errors"]:
         click.echo(f"farm: {line}", err=True)
@@ -124,9 +134,13 @@ def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet
     if as_json:
         click.echo(json.dumps(m, indent=2))
     else:
-        for key, v in m["videos"].items():
+        for v in m["videos"].values():
             outs = ", ".join(o["url"] for o in v["outputs"].values()) if v["outputs"] else ""
-            line = f"{v['status']:9s} {v['url']}" + (f" -> {outs}" if outs else "") + (f": {v['error']}" if v["error"] else "")
+            line = (
+                f"{v['status']:9s} {v['url']}"
+                + (f" -> {outs}" if outs else "")
+                + (f": {v['error']}" if v["error"] else "")
+            )
             click.echo(line, err=v["status"] == "failed")
         n = len(m["videos"])
         ok = sum(v["status"] in ("succeeded", "skipped") for v in m["videos"].values())
@@ -145,8 +159,10 @@ def models() -> None:
         try:
             cls = load_model_class(name)
             w = cls.window
-            click.echo(f"{name:10s} outputs={','.join(cls.outputs)} window={w.frames} overlap={w.overlap} "
-                       f"state={w.state} weights={'yes' if cls.needs_weights else 'no'}")
+            click.echo(
+                f"{name:10s} outputs={','.join(cls.outputs)} window={w.frames} overlap={w.overlap} "
+                f"state={w.state} weights={'yes' if cls.needs_weights else 'no'}"
+            )
         except Exception as e:  # a broken third-party plugin must not hide the others
             click.echo(f"{name:10s} (cannot load: {e.__class__.__name__}: {e})")
 

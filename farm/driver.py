@@ -32,6 +32,7 @@ from farm.spec import FORMAT_EXT, JobSpec
 from farm.worker import ModelConfig, ModelWorker, ShardTask
 
 log = logging.getLogger("farm")
+WorkerActor = ray.remote(ModelWorker)
 
 # Errors about the input itself: retrying on another actor cannot help.
 INPUT_ERRORS = (ModelError, PlanError)
@@ -135,7 +136,9 @@ class JobRunner:
         for ch in spec.output.channels:
             missing = missing_outputs(ch, self.model_cls.outputs)
             if missing:
-                raise JobError(f"output.channels: {ch!r} needs {missing} which model {spec.model.name!r} does not produce")
+                raise JobError(
+                    f"output.channels: {ch!r} needs {missing} which model {spec.model.name!r} does not produce"
+                )
         self.videos: dict[str, VideoRun] = {}
         self.actors: list[Any] = []
         self.actor_failures: dict[int, int] = {}
@@ -166,21 +169,16 @@ class JobRunner:
 
     # ---- actors -----------------------------------------------------------------------------
 
-    def _actor_class(self):
-        r = self.spec.resources
-        return ray.remote(ModelWorker).options(
-            num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_concurrency=1, max_restarts=0
-        )
-
     def _start_actor(self, slot: int, generation: int = 0) -> Any:
-        m = self.spec.model
-        config = ModelConfig(m.name, dict(m.params), m.weights, m.device, m.dtype, self.spec.resources.gpu_memory_gb)
+        m, r = self.spec.model, self.spec.resources
+        config = ModelConfig(m.name, dict(m.params), m.weights, m.device, m.dtype, r.gpu_memory_gb)
         name = f"{self.spec.job_id}/actor-{slot}" + (f"-r{generation}" if generation else "")
-        cls = self._actor_class()
+        options = dict(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_concurrency=1, max_restarts=0)
         try:
-            return cls.options(name=name).remote(config, self.so)
+            return WorkerActor.options(name=name, **options).remote(config, self.so)
         except ValueError:  # a name still held by an actor of an earlier run in this Ray session
-            return cls.options(name=f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}").remote(config, self.so)
+            name = f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
+            return WorkerActor.options(name=name, **options).remote(config, self.so)
 
     def start_actors(self) -> None:
         n = self.spec.resources.actors
@@ -289,8 +287,12 @@ class JobRunner:
                 run.status, run.outputs, run.seconds = "skipped", done["outputs"], 0.0
                 continue
             records = {} if self.force else self.ledger.done_shards(run.key)
-            run.records = {i: rec for i, rec in records.items() if i < len(run.shards) and rec.get("shard") == run.shards[i].to_dict()}
-            for i, rec in run.records.items():
+            run.records = {
+                i: rec
+                for i, rec in records.items()
+                if i < len(run.shards) and rec.get("shard") == run.shards[i].to_dict()
+            }
+            for rec in run.records.values():
                 for ch in self.spec.output.channels:
                     run.pieces[ch].append(rec["channels"][ch]["core"])
             if run.records:
@@ -339,12 +341,22 @@ class JobRunner:
                 state_ref = run.state_refs.get(i - 1)
                 state_url = run.records[i - 1].get("state_url") if state_ref is None else None
             task = ShardTask(
-                job_id=self.spec.job_id, video_key=run.key, url=run.input.url, shard=s, targets=run.targets,
-                ledger_root=self.ledger.root, handoff_at=handoff_at, state_url=state_url,
-                chunk=self.model_cls.chunk_frames, background=self.spec.output.background, storage_options=self.so,
+                job_id=self.spec.job_id,
+                video_key=run.key,
+                url=run.input.url,
+                shard=s,
+                targets=run.targets,
+                ledger_root=self.ledger.root,
+                handoff_at=handoff_at,
+                state_url=state_url,
+                chunk=self.model_cls.chunk_frames,
+                background=self.spec.output.background,
+                storage_options=self.so,
             )
-            rec_ref, st_ref = self.actors[slot].render_shard.options(name=task.name, num_returns=2).remote(
-                task, run.cond_ref, state_ref
+            rec_ref, st_ref = (
+                self.actors[slot]
+                .render_shard.options(name=task.name, num_returns=2)
+                .remote(task, run.cond_ref, state_ref)
             )
             key = (run.key, i)
             attempts[key] = attempts.get(key, 0) + 1
@@ -355,8 +367,13 @@ class JobRunner:
 
         def dispatch_prepare(slot: int, run: VideoRun) -> None:
             ctx = VideoContext(
-                url=run.input.url, frame_count=run.info.frame_count, width=run.info.width, height=run.info.height,
-                fps=float(run.info.fps), params=dict(self.spec.model.params), storage_options=self.so,
+                url=run.input.url,
+                frame_count=run.info.frame_count,
+                width=run.info.width,
+                height=run.info.height,
+                fps=float(run.info.fps),
+                params=dict(self.spec.model.params),
+                storage_options=self.so,
             )
             ref = self.actors[slot].prepare.options(name=f"{self.spec.job_id}/{run.key}/prepare").remote(ctx)
             run.cond_ref = ref
@@ -395,7 +412,12 @@ class JobRunner:
                     if j in run.records and j + 1 in run.records and run.shards[j].stop > run.shards[j].core_stop:
                         a, b = run.records[j]["channels"][ch], run.records[j + 1]["channels"][ch]
                         ref = blend_task.options(name=f"{self.spec.job_id}/{run.key}/blend-{j}-{ch}").remote(
-                            target, f"blend-{j:04d}", run.shards[j].core_stop, a["tail"], b["head"], self.spec.window.blend
+                            target,
+                            f"blend-{j:04d}",
+                            run.shards[j].core_stop,
+                            a["tail"],
+                            b["head"],
+                            self.spec.window.blend,
                         )
                         run.blends_sent.add((ch, j))
                         in_flight[ref] = ("blend", (run, ch))
@@ -408,7 +430,9 @@ class JobRunner:
             for ch, target in run.targets.items():
                 if len(run.pieces[ch]) == expected and ch not in run.outputs and (ch, "commit") not in run.blends_sent:
                     run.blends_sent.add((ch, "commit"))
-                    ref = commit_task.options(name=f"{self.spec.job_id}/{run.key}/commit-{ch}").remote(target, run.pieces[ch])
+                    ref = commit_task.options(name=f"{self.spec.job_id}/{run.key}/commit-{ch}").remote(
+                        target, run.pieces[ch]
+                    )
                     in_flight[ref] = ("commit", (run, ch))
 
         blend_task = ray.remote(num_cpus=0, max_retries=self.spec.retries)(blend_overlap)
@@ -423,9 +447,12 @@ class JobRunner:
             if not in_flight:
                 for run in runs:
                     if run.status == "running":
-                        self.fail_video(run, f"{run.input.url}: no healthy actor left to render it"
-                                        if all(a is None for a in self.actors) else
-                                        f"{run.input.url}: stopped, job failure budget max_failed_shards exhausted")
+                        self.fail_video(
+                            run,
+                            f"{run.input.url}: no healthy actor left to render it"
+                            if all(a is None for a in self.actors)
+                            else f"{run.input.url}: stopped, job failure budget max_failed_shards exhausted",
+                        )
                 break
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in done:
@@ -458,8 +485,14 @@ class JobRunner:
                     self.ledger.mark_shard_done(run.key, i, record)
                     for ch in run.targets:
                         run.pieces[ch].append(record["channels"][ch]["core"])
-                    self.event("shard_done", video=run.key, shard=i, actor=slot, frames=run.shards[i].stop - run.shards[i].core_start,
-                               seconds=record["seconds"])
+                    self.event(
+                        "shard_done",
+                        video=run.key,
+                        shard=i,
+                        actor=slot,
+                        frames=run.shards[i].stop - run.shards[i].core_start,
+                        seconds=record["seconds"],
+                    )
                     after_shard_done(run, i)
                 elif kind == "blend":
                     run, ch = payload
@@ -560,7 +593,9 @@ def absolute_local_paths(spec: JobSpec) -> JobSpec:
     return spec.model_copy(update={"inputs": [fix(u) for u in spec.inputs], "output": output})
 
 
-def run_job(spec: JobSpec, address: str | None = None, progress: Progress | None = None, force: bool = False) -> JobResult:
+def run_job(
+    spec: JobSpec, address: str | None = None, progress: Progress | None = None, force: bool = False
+) -> JobResult:
     """Run a job to completion on a local embedded Ray (or the cluster at ``address``)."""
     spec = absolute_local_paths(spec)
     need = math.ceil(spec.resources.actors * spec.resources.cpus_per_actor) + 1

@@ -31,7 +31,9 @@ def stem_of(url: str) -> str:
     return _safe(base.rsplit(".", 1)[0] if "." in base else base)
 
 
-def expand_inputs(patterns: list[str], storage_options: dict[str, Any] | None = None) -> tuple[list[VideoInput], list[str]]:
+def expand_inputs(
+    patterns: list[str], storage_options: dict[str, Any] | None = None
+) -> tuple[list[VideoInput], list[str]]:
     """Returns the videos and, separately, one error line per pattern that matched nothing."""
     import fsspec
 

@@ -99,8 +99,13 @@ class _SegmentPiece(Piece):
         fd, self.path = tempfile.mkstemp(suffix=f".{t.format}", prefix="farm-piece-")
         os.close(fd)
         self.writer = SegmentWriter(
-            self.path, Fraction(t.fps_num, t.fps_den), t.width, t.height,
-            format=t.format, channels=t.components, quality=t.quality,
+            self.path,
+            Fraction(t.fps_num, t.fps_den),
+            t.width,
+            t.height,
+            format=t.format,
+            channels=t.components,
+            quality=t.quality,
         )
 
     def write(self, batch: np.ndarray) -> None:

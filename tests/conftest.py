@@ -248,3 +248,14 @@ def s3(tmp_path_factory: pytest.TempPathFactory):
 def s3_bucket(s3: WeedS3) -> str:
     """A fresh, empty bucket URL on the session's S3 server."""
     return s3.make_bucket()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One real local Ray for the session, with 4 logical CPUs so a pool of 4 actors fits on 2 cores."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(num_cpus=4, include_dashboard=False, logging_level="WARNING")
+    yield
+    ray.shutdown()

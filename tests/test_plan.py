@@ -16,7 +16,7 @@ def coverage(shards, n):
 def check_invariants(shards, n, overlap):
     assert shards[0].start == 0 and shards[-1].stop == n
     assert all(1 <= c <= 2 for c in coverage(shards, n))
-    for a, b in zip(shards, shards[1:]):
+    for a, b in zip(shards, shards[1:], strict=False):
         assert a.stop - b.start == overlap  # exactly `overlap` frames shared
         assert a.core_stop == b.start and b.core_start == a.stop
     pieces = output_pieces(shards)
@@ -59,7 +59,11 @@ def test_short_last_shard():
     assert [(s.start, s.stop) for s in shards] == [(0, 24), (16, 40), (32, 50)]
     assert (shards[-1].core_start, shards[-1].core_stop) == (40, 50)
     assert output_pieces(shards) == [
-        ("core", 0, 0, 16), ("blend", 0, 16, 24), ("core", 1, 24, 32), ("blend", 1, 32, 40), ("core", 2, 40, 50)
+        ("core", 0, 0, 16),
+        ("blend", 0, 16, 24),
+        ("core", 1, 24, 32),
+        ("blend", 1, 32, 40),
+        ("core", 2, 40, 50),
     ]
 
 

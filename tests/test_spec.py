@@ -23,7 +23,12 @@ resources: {actors: 2}
 
 # (yaml text, expected line, expected field path, words of the reason)
 BAD = [
-    ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 8\n  overlap: 16\n", 5, "window.overlap", "smaller than window.frames"),
+    (
+        "name: x\ninputs: [a.mp4]\nwindow:\n  frames: 8\n  overlap: 16\n",
+        5,
+        "window.overlap",
+        "smaller than window.frames",
+    ),
     ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 24\n  overlap: 13\n", 5, "window.overlap", "at most half"),
     ("name: x\ninputs: [a.mp4]\nmodel:\n  name: nope\n", 4, "model.name", "unknown model"),
     ("name: x\ninputs: [a.mp4]\noutput:\n  format: avi\n", 4, "output.format", "'avi'"),
@@ -31,12 +36,22 @@ BAD = [
     ("name: x\ninputs: [a.mp4]\nwindow:\n  frams: 8\n", 4, "window.frams", "unknown key"),
     ("inputs: [a.mp4]\n", 1, "name", "required"),
     ("name: x\ninputs: []\n", 2, "inputs", "at least 1"),
-    ("name: x\ninputs: [a.mp4]\noutput:\n  channels: [alpha, fgr]\n  uri: o/{stem}.mp4\n", 5, "output.uri", "{channel}"),
+    (
+        "name: x\ninputs: [a.mp4]\noutput:\n  channels: [alpha, fgr]\n  uri: o/{stem}.mp4\n",
+        5,
+        "output.uri",
+        "{channel}",
+    ),
     ("name: x\ninputs: [a.mp4]\nresources:\n  actors: 0\n", 4, "resources.actors", "greater than or equal to 1"),
     ("name: x\ninputs: [a.mp4]\noutput:\n  uri: o/{stem}_{foo}.mp4\n", 4, "output.uri", "unknown placeholder {foo}"),
     ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: ten\n", 4, "window.frames", "valid integer"),
     ("name: x\ninputs: [a.mp4]\nwindow:\n  state: sideways\n", 4, "window.state", "'sideways'"),
-    ("name: x\ninputs: [a.mp4]\noutput:\n  channels: [rgba]\n  format: mp4\n", 4, "output.channels", "needs format mov"),
+    (
+        "name: x\ninputs: [a.mp4]\noutput:\n  channels: [rgba]\n  format: mp4\n",
+        4,
+        "output.channels",
+        "needs format mov",
+    ),
     ("name: bad name!\ninputs: [a.mp4]\n", 1, "name", "pattern"),
     ("name: x\ninputs: [a.mp4]\nretries: -1\n", 3, "retries", "greater than or equal to 0"),
     ("name: x\ninputs: [a.mp4]\noutput:\n  uri: out/{job}.mp4\n", 4, "output.uri", "{stem}"),
@@ -82,8 +97,9 @@ def test_cli_validate_exit_code_2_one_line(tmp_path, text, line, field, reason):
 
 
 def test_cli_validate_missing_file(tmp_path):
-    p = subprocess.run([sys.executable, "-m", "farm.cli", "validate", str(tmp_path / "nope.yaml")],
-                       capture_output=True, text=True)
+    p = subprocess.run(
+        [sys.executable, "-m", "farm.cli", "validate", str(tmp_path / "nope.yaml")], capture_output=True, text=True
+    )
     assert p.returncode == 2 and "no such job file" in p.stderr and "Traceback" not in p.stderr
 
 

@@ -69,18 +69,12 @@ class FTPVM(VideoModel):
     # ------------------------------------------------------------------ weights
 
     def load(self, weights: str | None, device: str = "cpu", dtype: str = "float32") -> None:
-        """Load a ``.pth`` state dict (``weights_only``) or ``.safetensors``; strict key/shape match."""
+        """Load a resolved weights file: ``.pth`` (``weights_only``) or ``.safetensors``; strict."""
         if not weights:
             raise ModelError("ftpvm: needs weights (a .pth or .safetensors state dict)")
-        if str(weights).endswith(".safetensors"):
-            from safetensors.torch import load_file
+        from farm.weights import load_state_dict
 
-            sd = load_file(str(weights))
-        else:
-            import torch
-
-            sd = torch.load(str(weights), map_location="cpu", weights_only=True)
-        self.load_weights_dict(sd, device, dtype)
+        self.load_weights_dict(load_state_dict(weights), device, dtype)
 
     def load_weights_dict(self, sd: dict[str, Any], device: str = "cpu", dtype: str = "float32") -> None:
         """Build the network from an already-loaded state dict (official layout, strict)."""

@@ -10,7 +10,6 @@ The network itself lives in ``actors/rvm_net.py`` (pure torch, official checkpoi
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
@@ -68,23 +67,12 @@ class RVM(VideoModel):
     # -- weights -------------------------------------------------------------------------------------
 
     def load(self, weights: str | None, device: str = "cpu", dtype: str = "float32") -> None:
-        """Load a local ``.pth`` (plain state dict) or ``.safetensors`` file, strictly."""
+        """Load a resolved weights file: ``.pth`` (``weights_only``), ``.safetensors`` or the official ONNX export."""
         if not weights:
-            raise ModelError("rvm: needs weights (a .pth or .safetensors state dict in the official layout)")
-        path = Path(weights)
-        if not path.is_file():
-            raise ModelError(f"rvm: weights file not found: {weights}")
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+            raise ModelError("rvm: needs weights (e.g. rvm-mobilenetv3, a .pth, .safetensors or the ONNX export)")
+        from farm.weights import load_state_dict
 
-            sd = load_file(str(path))
-        else:
-            import torch
-
-            sd = torch.load(str(path), map_location="cpu", weights_only=True)
-        if not isinstance(sd, dict):
-            raise ModelError(f"rvm: {weights} does not hold a state dict")
-        self.load_weights_dict(sd, device=device, dtype=dtype)
+        self.load_weights_dict(load_state_dict(weights), device=device, dtype=dtype)
 
     def load_weights_dict(self, sd: dict[str, Any], device: str = "cpu", dtype: str = "float32") -> None:
         """Build the network from an in-memory state dict (official ``MattingNetwork`` layout, strict).

@@ -9,6 +9,7 @@ BUILTIN = {
     "keyer": "actors.keyer:ChromaKeyer",
     "rvm": "actors.rvm:RVM",
     "ftpvm": "actors.ftpvm:FTPVM",
+    "synthetic": "actors.synthetic:SyntheticModel",
 }
 
 

@@ -173,7 +173,13 @@ class JobRunner:
         m, r = self.spec.model, self.spec.resources
         config = ModelConfig(m.name, dict(m.params), m.weights, m.device, m.dtype, r.gpu_memory_gb)
         name = f"{self.spec.job_id}/actor-{slot}" + (f"-r{generation}" if generation else "")
-        options = dict(num_cpus=r.cpus_per_actor, num_gpus=r.gpus_per_actor, max_concurrency=1, max_restarts=0)
+        options = dict(
+            num_cpus=r.cpus_per_actor,
+            num_gpus=r.gpus_per_actor,
+            max_concurrency=1,
+            max_restarts=0,  # the driver replaces dead actors itself, and knows which shard they held
+            runtime_env={"env_vars": {"FARM_ACTOR_SLOT": str(slot)}},
+        )
         try:
             return WorkerActor.options(name=name, **options).remote(config, self.so)
         except ValueError:  # a name still held by an actor of an earlier run in this Ray session
@@ -396,12 +402,20 @@ class JobRunner:
                     left = run.info.frame_count - sum(run.shards[i].frames for i in run.records)
                     for i in self.ready_shards(run, running_shards):
                         heapq.heappush(heap, (-left, i, next(counter), run))
-                if not heap:
+                live = {k for k, a in enumerate(self.actors) if a is not None}
+                while heap:
+                    _, i, _, run = heapq.heappop(heap)
+                    key = (run.key, i)
+                    fresh = [k for k in slots if k not in avoid.get(key, set())]
+                    if fresh:
+                        dispatch_shard(fresh[0], run, i)
+                        break
+                    if live <= avoid.get(key, set()):  # every actor failed it once: any may retry
+                        dispatch_shard(slots[0], run, i)
+                        break
+                    # else: leave it for a busy actor that has not failed it yet
+                else:
                     return
-                _, i, _, run = heapq.heappop(heap)
-                key = (run.key, i)
-                preferred = [k for k in slots if k not in avoid.get(key, set())] or slots
-                dispatch_shard(preferred[0], run, i)
 
         def after_shard_done(run: VideoRun, i: int) -> None:
             # Blend every overlap whose two shards are done, then commit once all pieces are in.
@@ -476,6 +490,7 @@ class JobRunner:
                     try:
                         record = ray.get(ref)
                     except ray.exceptions.RayError as e:
+                        _consume(st_ref)
                         self.on_shard_error(run, i, slot, e, attempts, avoid, r)
                         continue
                     if run.status != "running":
@@ -554,6 +569,14 @@ class JobRunner:
             "input_errors": input_errors,
             "videos": videos,
         }
+
+
+def _consume(ref: Any) -> None:
+    """Fetch a failed task's other return so Ray does not report it as an unhandled error."""
+    try:
+        ray.get(ref, timeout=5)
+    except Exception:
+        pass
 
 
 def _cause(e: BaseException) -> BaseException:

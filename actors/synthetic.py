@@ -1,0 +1,76 @@
+"""A synthetic model with a known cost and injectable faults, for benchmarks and fault-tolerance tests.
+
+It inverts the frames (so outputs are checkable) and can: sleep a fixed time per frame without using
+the CPU (orchestration benchmarks), carry a running frame counter as state (handoff checks), and fail
+on purpose — on given shards' frames, on one actor, with a simulated GPU out-of-memory above a batch
+size, or slowly on one actor (straggler tests). Actors are told apart by ``FARM_ACTOR_SLOT``, which
+the driver sets in each actor's environment.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any, ClassVar
+
+import numpy as np
+
+from actors.base import ModelError, Outputs, State, VideoModel, WindowSpec
+
+
+class InjectedFault(RuntimeError):
+    """A failure the test asked for (retried like any crash)."""
+
+
+class SyntheticModel(VideoModel):
+    """Params: ``sleep_per_frame`` (s); ``fail_on_actor`` (slot that always raises);
+    ``slow_actor`` and ``slow_factor``; ``oom_above`` (raise torch's OutOfMemoryError when one call
+    gets more frames than this); ``bad_input`` (raise ModelError: an input error, never retried);
+    ``fail_marker`` (a path: every call raises while that file exists, a transient fault).
+    The state is a running frame count, so a handoff chain can be checked."""
+
+    name: ClassVar[str] = "synthetic"
+    window: ClassVar[WindowSpec] = WindowSpec(frames=16, overlap=0, state="none")
+    outputs: ClassVar[tuple[str, ...]] = ("alpha", "fgr")
+
+    def __init__(
+        self,
+        sleep_per_frame: float = 0.0,
+        fail_on_actor: int | None = None,
+        slow_actor: int | None = None,
+        slow_factor: float = 5.0,
+        oom_above: int | None = None,
+        bad_input: bool = False,
+        fail_marker: str | None = None,
+    ) -> None:
+        super().__init__(sleep_per_frame=sleep_per_frame, fail_on_actor=fail_on_actor, slow_actor=slow_actor)
+        self.sleep_per_frame = float(sleep_per_frame)
+        self.fail_on_actor, self.slow_actor, self.slow_factor = fail_on_actor, slow_actor, float(slow_factor)
+        self.oom_above, self.bad_input = oom_above, bad_input
+        self.fail_marker = fail_marker  # a file: while it exists, every render raises (a transient fault)
+
+    @staticmethod
+    def slot() -> int | None:
+        value = os.environ.get("FARM_ACTOR_SLOT")
+        return int(value) if value is not None else None
+
+    def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
+        if self.bad_input:
+            raise ModelError("synthetic: this input is refused (bad_input=true)")
+        if self.fail_on_actor is not None and self.slot() == self.fail_on_actor:
+            raise InjectedFault(f"synthetic: actor {self.fail_on_actor} always fails")
+        if self.fail_marker and os.path.exists(self.fail_marker):
+            raise InjectedFault(f"synthetic: fault marker {self.fail_marker} present")
+        if self.oom_above is not None and len(frames) > self.oom_above:
+            import torch
+
+            raise torch.OutOfMemoryError(f"synthetic: {len(frames)} frames > oom_above={self.oom_above}")
+        delay = self.sleep_per_frame * len(frames)
+        if self.slow_actor is not None and self.slot() == self.slow_actor:
+            delay *= self.slow_factor
+        if delay:
+            time.sleep(delay)
+        rgb = 1.0 - frames.astype(np.float32) / 255.0  # [T, H, W, 3]
+        alpha = rgb.mean(axis=-1, keepdims=True)
+        seen = int(state["frames"][0]) if state else 0
+        return {"alpha": alpha, "fgr": rgb}, {"frames": np.array([seen + len(frames)], dtype=np.int64)}

@@ -44,17 +44,13 @@ class RVM(VideoModel):
         downsample_ratio: float | None = None,
         seq_chunk: int = 12,
     ) -> None:
-        super().__init__(
-            variant=variant, refiner=refiner, downsample_ratio=downsample_ratio, seq_chunk=seq_chunk
-        )
+        super().__init__(variant=variant, refiner=refiner, downsample_ratio=downsample_ratio, seq_chunk=seq_chunk)
         if variant not in VARIANTS:
             raise ModelError(f"rvm: variant must be one of {', '.join(VARIANTS)} (got {variant!r})")
         if refiner not in REFINERS:
             raise ModelError(f"rvm: refiner must be one of {', '.join(REFINERS)} (got {refiner!r})")
         if downsample_ratio is not None and not 0 < float(downsample_ratio) <= 1:
-            raise ModelError(
-                f"rvm: downsample_ratio must be in (0, 1] or None for auto (got {downsample_ratio})"
-            )
+            raise ModelError(f"rvm: downsample_ratio must be in (0, 1] or None for auto (got {downsample_ratio})")
         if int(seq_chunk) < 1:
             raise ModelError(f"rvm: seq_chunk must be >= 1 (got {seq_chunk})")
         self.variant, self.refiner = variant, refiner
@@ -113,11 +109,7 @@ class RVM(VideoModel):
     # -- rendering -----------------------------------------------------------------------------------
 
     def ratio_for(self, height: int, width: int) -> float:
-        return (
-            self.downsample_ratio
-            if self.downsample_ratio is not None
-            else auto_downsample_ratio(height, width)
-        )
+        return self.downsample_ratio if self.downsample_ratio is not None else auto_downsample_ratio(height, width)
 
     def state_shapes(self, height: int, width: int) -> dict[str, tuple[int, ...]]:
         """What a handed-off state must look like for frames of this size."""
@@ -142,7 +134,9 @@ class RVM(VideoModel):
         rec: list[Any] = [None] * 4
         if state is not None:
             rec = [
-                torch.from_numpy(np.ascontiguousarray(state[k])).to(self.device, self.dtype)
+                torch.from_numpy(np.array(state[k])).to(  # a copy: object-store arrays are read-only
+                    self.device, self.dtype
+                )
                 for k in STATE_KEYS
             ]
         alpha = np.empty((t, h, w, 1), np.float32)

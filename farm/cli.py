@@ -108,17 +108,29 @@ def plan(job: str, as_json: bool) -> None:
 
 @main.command()
 @click.argument("job", type=click.Path(dir_okay=False))
-@click.option("--address", default=None, help="Ray cluster address (default: an embedded local Ray).")
+@click.option(
+    "--address",
+    default=None,
+    help="http://HEAD:8265 submits through the Ray Jobs API and prints the job id; a Ray address "
+    "(HOST:6379, auto) runs the driver here against that cluster; default: an embedded local Ray.",
+)
 @click.option("--force", is_flag=True, help="Render again what the ledger says is done.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
-@click.option("--json", "as_json", is_flag=True, help="Print the manifest as JSON.")
+@click.option("--json", "as_json", is_flag=True, help="Print the manifest (or the submitted job id) as JSON.")
 @click.pass_context
 def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet: bool, as_json: bool) -> None:
     """Render every input video of JOB and commit the outputs."""
+    if address and address.startswith(("http://", "https://")):
+        _submit_remote(ctx, job, address, force, as_json)
+        return
     from farm.driver import JobError, run_job
     from farm.progress import ProgressBar
+    from farm.report import summary_line
 
     spec = _load(job)
+    stdout = sys.stdout
+    if as_json:  # Ray prints worker/raylet lines to stdout: keep stdout for the JSON document alone
+        sys.stdout = sys.stderr
     try:
         with ProgressBar(enabled=not quiet and not as_json) as bar:
             result = run_job(spec, address=address, progress=bar.update, force=force)
@@ -132,7 +144,8 @@ def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet
         _fail(redact(f"{e.__class__.__name__}: {e}".splitlines()[0], spec.storage_options), EXIT_FAILED)
     m = result.manifest
     if as_json:
-        click.echo(json.dumps(m, indent=2))
+        doc = {**m, "manifest_url": result.manifest_url, "report_url": result.report_url}
+        click.echo(json.dumps(doc, indent=2), file=stdout)
     else:
         for v in m["videos"].values():
             outs = ", ".join(o["url"] for o in v["outputs"].values()) if v["outputs"] else ""
@@ -142,12 +155,112 @@ def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet
                 + (f": {v['error']}" if v["error"] else "")
             )
             click.echo(line, err=v["status"] == "failed")
-        n = len(m["videos"])
-        ok = sum(v["status"] in ("succeeded", "skipped") for v in m["videos"].values())
-        click.echo(f"job {m['job']}: {ok}/{n} videos done in {m['seconds']:.1f}s; manifest {result.manifest_url}")
+        click.echo(f"job {m['job']}: {summary_line(m)}; manifest {result.manifest_url}; report {result.report_url}")
     for line in m["input_errors"]:
         click.echo(f"farm: {line}", err=True)
     sys.exit(EXIT_OK if result.ok and not m["input_errors"] else EXIT_FAILED)
+
+
+def _submit_remote(ctx: click.Context, job: str, address: str, force: bool, as_json: bool) -> None:
+    from farm import remote
+
+    _load(job)  # a bad job file is exit 2 here, before anything reaches the cluster
+    try:
+        job_id = remote.submit(job, address, force=force)
+    except remote.RemoteError as e:
+        _fail(str(e), EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps({"id": job_id, "address": address}))
+    else:
+        click.echo(job_id)
+        click.echo(f"follow it with: farm status {job_id} --address {address}; farm logs {job_id} --follow", err=True)
+
+
+@main.command()
+@click.argument("job", type=click.Path(dir_okay=False))
+@click.option("--address", default=None, help="As for submit.")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--json", "as_json", is_flag=True)
+@click.pass_context
+def resume(ctx: click.Context, job: str, address: str | None, quiet: bool, as_json: bool) -> None:
+    """Run JOB again: finished videos and shards in its ledger are skipped (same as submit)."""
+    ctx.invoke(submit, job=job, address=address, force=False, quiet=quiet, as_json=as_json)
+
+
+@main.command()
+@click.argument("target")
+@click.option("--address", default=None, help="Ray dashboard http://HEAD:8265 (or RAY_ADDRESS) for a job ID.")
+@click.option("--json", "as_json", is_flag=True)
+def status(target: str, address: str | None, as_json: bool) -> None:
+    """Progress of a job: TARGET is a job file (read from its ledger in storage) or a submitted job ID.
+
+    Exit code 0 when the job succeeded (or is still running), 1 when it failed or was stopped."""
+    from farm import remote
+    from farm.report import ledger_status
+
+    if remote.looks_like_job_file(target):
+        doc = ledger_status(_load(target))
+        ray_state = None
+    else:
+        try:
+            doc = remote.status(target, address)
+        except remote.RemoteError as e:
+            _fail(str(e), EXIT_FAILED)
+        ray_state = doc["status"]
+    if as_json:
+        click.echo(json.dumps(doc, indent=2, default=str))
+    else:
+        if ray_state:
+            click.echo(f"job {doc['id']}: {ray_state}" + (f" ({doc['message']})" if doc.get("message") else ""))
+        ledger = doc if ray_state is None else doc.get("ledger")
+        if ledger:
+            click.echo(f"job {ledger['job']}: {ledger['state']} (ledger {ledger['ledger']})")
+            for v in ledger["videos"].values():
+                click.echo(
+                    f"  {v['status']:9s} {v['url']}: shards {v['shards_done']}/{v['shards']}, frames "
+                    f"{v['frames_done']}/{v['frames']}, failures {v['failures']}"
+                    + (f": {v['error']}" if v.get("error") else "")
+                )
+    videos = (doc if ray_state is None else doc.get("ledger") or {}).get("videos", {})
+    bad = ray_state in ("FAILED", "STOPPED") or any(v["status"] == "failed" for v in videos.values())
+    sys.exit(EXIT_FAILED if bad else EXIT_OK)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="Ray dashboard http://HEAD:8265 (or RAY_ADDRESS).")
+@click.option("--follow", "-f", is_flag=True, help="Stream the log until the job ends.")
+@click.option("--json", "as_json", is_flag=True, help="Print {id, logs} as JSON (not with --follow).")
+def logs(job_id: str, address: str | None, follow: bool, as_json: bool) -> None:
+    """The driver log of a submitted job."""
+    from farm import remote
+
+    try:
+        text = remote.logs(job_id, address, follow=follow and not as_json, echo=lambda s: click.echo(s, nl=False))
+    except remote.RemoteError as e:
+        _fail(str(e), EXIT_FAILED)
+    if text is not None:
+        click.echo(json.dumps({"id": job_id, "logs": text}) if as_json else text, nl=as_json)
+
+
+@main.command()
+@click.argument("job_id")
+@click.option("--address", default=None, help="Ray dashboard http://HEAD:8265 (or RAY_ADDRESS).")
+@click.option("--wait/--no-wait", default=True, show_default=True, help="Wait until the job has stopped.")
+@click.option("--json", "as_json", is_flag=True)
+def cancel(job_id: str, address: str | None, wait: bool, as_json: bool) -> None:
+    """Stop a submitted job; its finished shards stay in the ledger, so `farm resume` continues it."""
+    from farm import remote
+
+    try:
+        stopped = remote.cancel(job_id, address)
+        state = remote.wait(job_id, address, timeout=120) if wait else None
+    except remote.RemoteError as e:
+        _fail(str(e), EXIT_FAILED)
+    if as_json:
+        click.echo(json.dumps({"id": job_id, "stop_requested": stopped, "status": state}))
+    else:
+        click.echo(f"job {job_id}: " + (state or ("stop requested" if stopped else "was not running")))
 
 
 @main.command()
@@ -188,6 +301,36 @@ def sample(out: str, frames: int, size: str, fps: str, key: str, seed: int) -> N
     Path(out).parent.mkdir(parents=True, exist_ok=True)
     video, alpha = write_sample(out, frames=frames, width=width, height=height, fps=rate, key=key, seed=seed)
     click.echo(f"wrote {video} and {alpha}")
+
+
+@main.command()
+@click.argument("output")
+@click.option("-o", "--out", default=None, help="A .png for a one-video job, else a folder (default: .).")
+@click.option("--frames", default=4, show_default=True, help="Rows: frames spread over the video.")
+@click.option("--width", default=240, show_default=True, help="Thumbnail width in pixels.")
+@click.option("--background", default=None, help="Composite over R,G,B in [0,1] (default: a checkerboard).")
+def preview(output: str, out: str | None, frames: int, width: int, background: str | None) -> None:
+    """Contact sheet per video of a render (input | alpha | composite); OUTPUT: job YAML or manifest.json."""
+    from farm.preview import PreviewError, preview_job
+
+    bg = None
+    if background:
+        try:
+            bg = tuple(float(x) for x in background.split(","))
+            assert len(bg) == 3 and all(0 <= x <= 1 for x in bg)
+        except (ValueError, AssertionError):
+            _fail(f"--background {background}: expected R,G,B with each in [0, 1]", EXIT_SPEC)
+    try:
+        sheets, left_out = preview_job(output, out, frames=frames, width=width, background=bg)
+    except SpecError as e:
+        _fail(str(e), EXIT_SPEC)
+    except PreviewError as e:
+        _fail(str(e), EXIT_FAILED)
+    for s in sheets:
+        click.echo(f"wrote {s.path} ({s.size[0]}x{s.size[1]}, frames {', '.join(map(str, s.frames))})")
+    for line in left_out:
+        click.echo(f"farm: {line}", err=True)
+    sys.exit(EXIT_OK if sheets and not left_out else EXIT_FAILED)
 
 
 if __name__ == "__main__":

@@ -26,7 +26,10 @@ class SyntheticModel(VideoModel):
     """Params: ``sleep_per_frame`` (s); ``fail_on_actor`` (slot that always raises);
     ``slow_actor`` and ``slow_factor``; ``oom_above`` (raise torch's OutOfMemoryError when one call
     gets more frames than this); ``bad_input`` (raise ModelError: an input error, never retried);
-    ``fail_marker`` (a path: every call raises while that file exists, a transient fault).
+    ``fail_marker`` (a path: every call raises while that file exists, a transient fault);
+    ``drop_frame_marker`` (a path: the next call returns one frame too few and removes the file, a
+    lost frame that segment verification must catch); ``memory_bytes`` (what ``memory_bytes()`` reports,
+    to test the per-actor memory budget).
     The state is a running frame count, so a handoff chain can be checked."""
 
     name: ClassVar[str] = "synthetic"
@@ -42,12 +45,18 @@ class SyntheticModel(VideoModel):
         oom_above: int | None = None,
         bad_input: bool = False,
         fail_marker: str | None = None,
+        drop_frame_marker: str | None = None,
+        memory_bytes: int = 0,
     ) -> None:
         super().__init__(sleep_per_frame=sleep_per_frame, fail_on_actor=fail_on_actor, slow_actor=slow_actor)
         self.sleep_per_frame = float(sleep_per_frame)
         self.fail_on_actor, self.slow_actor, self.slow_factor = fail_on_actor, slow_actor, float(slow_factor)
         self.oom_above, self.bad_input = oom_above, bad_input
         self.fail_marker = fail_marker  # a file: while it exists, every render raises (a transient fault)
+        self.drop_frame_marker, self.held_bytes = drop_frame_marker, int(memory_bytes)
+
+    def memory_bytes(self) -> int:
+        return self.held_bytes
 
     @staticmethod
     def slot() -> int | None:
@@ -73,4 +82,10 @@ class SyntheticModel(VideoModel):
         rgb = 1.0 - frames.astype(np.float32) / 255.0  # [T, H, W, 3]
         alpha = rgb.mean(axis=-1, keepdims=True)
         seen = int(state["frames"][0]) if state else 0
+        if self.drop_frame_marker and len(frames) > 1:
+            try:
+                os.remove(self.drop_frame_marker)  # once: whoever removes it drops the frame
+                rgb, alpha = rgb[:-1], alpha[:-1]
+            except FileNotFoundError:
+                pass
         return {"alpha": alpha, "fgr": rgb}, {"frames": np.array([seen + len(frames)], dtype=np.int64)}

@@ -27,7 +27,7 @@ from farm.channels import components, missing_outputs
 from farm.inputs import VideoInput, expand_inputs
 from farm.ledger import Ledger
 from farm.plan import PlanError, Shard, output_pieces, plan_shards
-from farm.sinks import OutputTarget
+from farm.sinks import OutputTarget, SinkError
 from farm.spec import FORMAT_EXT, JobSpec
 from farm.worker import ModelConfig, ModelWorker, ShardTask
 
@@ -60,6 +60,7 @@ class VideoRun:
     outputs: dict[str, dict] = field(default_factory=dict)
     started: float = 0.0
     seconds: float = 0.0
+    fingerprint: str | None = None  # input size + etag/mtime: a changed input is rendered again
 
     @property
     def key(self) -> str:
@@ -71,6 +72,7 @@ class JobResult:
     job_id: str
     manifest: dict[str, Any]
     manifest_url: str
+    report_url: str | None = None  # the Parquet run report (farm.report), one row per video
 
     @property
     def failed(self) -> list[str]:
@@ -103,7 +105,8 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
     else:
-        ray.init(num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+        # address="local": a new Ray of our own, never one that another process on this machine started
+        ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
 
 
 def output_url(spec: JobSpec, video: VideoInput, channel: str) -> str:
@@ -128,7 +131,9 @@ class JobRunner:
 
         self.spec = spec
         self.so = spec.storage_options
-        self.progress = progress or (lambda event, data: None)
+        from farm.metrics import with_listeners
+
+        self.progress = with_listeners(self, progress)  # metrics always see the events
         self.force = force
         self.model_cls = load_model_class(spec.model.name)
         self.ledger = Ledger(ledger_root(spec), self.so)
@@ -144,6 +149,7 @@ class JobRunner:
         self.actor_failures: dict[int, int] = {}
         self.failed_shards = 0
         self.events: list[dict] = []
+        self.retired: dict[int, str] = {}  # actor slot -> why it gets no more shards of this job
 
     # ---- planning ---------------------------------------------------------------------------
 
@@ -176,7 +182,7 @@ class JobRunner:
         options = dict(
             num_cpus=r.cpus_per_actor,
             num_gpus=r.gpus_per_actor,
-            max_concurrency=1,
+            max_concurrency=2,  # one shard at a time (the driver never sends two), plus ping/abort beside it
             max_restarts=0,  # the driver replaces dead actors itself, and knows which shard they held
             runtime_env={"env_vars": {"FARM_ACTOR_SLOT": str(slot)}},
         )
@@ -198,13 +204,25 @@ class JobRunner:
             except ray.exceptions.RayError as e:
                 errors.append(_one_line(e, self.so))
                 self.actors[k] = None
+                self.retired[k] = f"did not load: {errors[-1]}"
+                self.event("actor_refused", actor=k, error=errors[-1])
         if all(a is None for a in self.actors):
+            budget = self.spec.resources.gpu_memory_gb
+            if budget is not None and any("resources.gpu_memory_gb" in e for e in errors):
+                raise JobError(
+                    f"resources.gpu_memory_gb: model {self.spec.model.name!r} does not fit the per-actor memory "
+                    f"budget of {budget} GiB on any of {n} actors: {errors[0]}"
+                )
             raise JobError(f"model {self.spec.model.name!r} did not load on any actor: {errors[0]}")
 
     def replace_actor(self, slot: int) -> None:
+        if slot in self.retired:  # blocklisted or retired: its death needs no replacement
+            self.actors[slot] = None
+            return
         self.generation[slot] += 1
         if self.generation[slot] > MAX_REPLACEMENTS:  # it keeps dying: stop feeding it shards
             self.actors[slot] = None
+            self.retired[slot] = f"died {self.generation[slot]} times"
             self.event("actor_retired", actor=slot)
             return
         self.actors[slot] = self._start_actor(slot, self.generation[slot])
@@ -220,6 +238,8 @@ class JobRunner:
     def fail_video(self, run: VideoRun, message: str) -> None:
         if run.status in ("failed", "succeeded"):
             return
+        if not message.startswith(run.input.url):  # a model's or worker's own words: say which video
+            message = f"{run.input.url}: {message}"
         run.status, run.error = "failed", message
         run.seconds = time.time() - run.started if run.started else 0.0
         self.event("video_failed", video=run.key, error=message)
@@ -227,6 +247,15 @@ class JobRunner:
     # ---- the run ----------------------------------------------------------------------------
 
     def run(self) -> JobResult:
+        try:
+            return self._run()
+        finally:  # on failure too: the event log says what the scheduler saw (deaths, hangs, blocklists)
+            try:
+                self.ledger.write_json("events.json", self.events)
+            except Exception as e:  # never hide the run's own error behind the log's
+                log.warning("could not write events.json: %s", _one_line(e, self.so))
+
+    def _run(self) -> JobResult:
         t_start = time.time()
         videos, errors = expand_inputs(self.spec.inputs, self.so)
         self.ledger.write_spec(self.spec.public_dict())
@@ -277,18 +306,32 @@ class JobRunner:
             for r in self.videos.values()
             if r.status == "waiting"
         }
+        lim = self.spec.limits
         for ref, run in refs.items():
             try:
                 run.info = ray.get(ref)
             except ray.exceptions.RayError as e:
                 self.fail_video(run, _one_line(e, self.so))
+                continue
+            i = run.info
+            if lim.max_frames is not None and i.frame_count > lim.max_frames:
+                self.fail_video(run, f"{run.input.url}: {i.frame_count} frames, over limits.max_frames={lim.max_frames}")
+            elif lim.max_pixels is not None and i.width * i.height > lim.max_pixels:
+                self.fail_video(
+                    run, f"{run.input.url}: {i.width}x{i.height} pixels, over limits.max_pixels={lim.max_pixels}"
+                )
 
     def load_done_records(self) -> None:
         """Resume: finished videos are skipped; finished shards of unfinished videos are not rendered again."""
         for run in self.videos.values():
             if run.status != "waiting":
                 continue
+            from farm.manifest_inputs import input_fingerprint
+
+            run.fingerprint = input_fingerprint(run.input.url, self.so, run.input.params)
             done = self.ledger.read_json(f"videos/{run.key}.json")
+            if done and done.get("input") != run.fingerprint:
+                done = None  # the input changed since it was rendered (or was never fingerprinted)
             if done and not self.force and all(storage.exists(o["url"], self.so) for o in done["outputs"].values()):
                 run.status, run.outputs, run.seconds = "skipped", done["outputs"], 0.0
                 continue
@@ -296,7 +339,9 @@ class JobRunner:
             run.records = {
                 i: rec
                 for i, rec in records.items()
-                if i < len(run.shards) and rec.get("shard") == run.shards[i].to_dict()
+                if i < len(run.shards)
+                and rec.get("shard") == run.shards[i].to_dict()
+                and rec.get("input") == run.fingerprint
             }
             for rec in run.records.values():
                 for ch in self.spec.output.channels:
@@ -335,11 +380,21 @@ class JobRunner:
         running_shards: set[tuple[str, int]] = set()
         prep_queue = [run for run in runs]
         counter = itertools.count()
+        sch = self.spec.scheduler
+        # Copies of a straggler only where a shard's output does not depend on another's state.
+        speculative = self.mode != "handoff" and sch.speculative is not False
+        copies: dict[tuple[str, int], list[Any]] = {}  # shard -> its attempts in flight (original, copy)
+        started_at: dict[Any, float] = {}  # shard ref -> when it was dispatched
+        copied: set[tuple[str, int]] = set()  # shards that already got their one copy
+        per_frame: list[float] = []  # seconds per frame of finished shards: what "slow" means
+        heart: dict[int, dict[str, Any]] = {}  # slot -> {actor, ref, sent, alive}
+        max_call_s = 0.0  # longest single render call any actor reported
+        killed: list[Any] = []  # handles of actors killed as hung (kept, so they are compared by identity)
 
         def idle_slots() -> list[int]:
             return [k for k, a in enumerate(self.actors) if a is not None and k not in busy]
 
-        def dispatch_shard(slot: int, run: VideoRun, i: int) -> None:
+        def dispatch_shard(slot: int, run: VideoRun, i: int, copy: bool = False) -> None:
             s = run.shards[i]
             handoff_at = run.shards[i + 1].start if self.mode == "handoff" and i + 1 < len(run.shards) else None
             state_ref, state_url = None, None
@@ -358,18 +413,121 @@ class JobRunner:
                 chunk=self.model_cls.chunk_frames,
                 background=self.spec.output.background,
                 storage_options=self.so,
+                tag=f".copy{attempts.get((run.key, i), 0)}" if copy else "",  # its own part names
             )
             rec_ref, st_ref = (
                 self.actors[slot]
-                .render_shard.options(name=task.name, num_returns=2)
+                .render_shard.options(name=task.name + task.tag, num_returns=2)
                 .remote(task, run.cond_ref, state_ref)
             )
             key = (run.key, i)
-            attempts[key] = attempts.get(key, 0) + 1
-            in_flight[rec_ref] = ("shard", (run, i, slot, st_ref))
+            if not copy:  # a copy is not a retry: it spends none of the shard's attempts
+                attempts[key] = attempts.get(key, 0) + 1
+            in_flight[rec_ref] = ("shard", (run, i, slot, st_ref, task.name + task.tag))
             busy[slot] = rec_ref
+            started_at[rec_ref] = time.monotonic()
+            copies.setdefault(key, []).append(rec_ref)
             running_shards.add(key)
-            self.event("shard_dispatched", video=run.key, shard=i, actor=slot, attempt=attempts[key])
+            kind = "shard_speculated" if copy else "shard_dispatched"
+            self.event(kind, video=run.key, shard=i, actor=slot, attempt=attempts[key])
+
+        def speculate(slots: list[int]) -> bool:
+            """At the tail (nothing else to run), copy the slowest straggler to an idle actor."""
+            if not speculative or not per_frame:
+                return False
+            rate = sorted(per_frame)[len(per_frame) // 2]  # median seconds per frame
+            now, best = time.monotonic(), None
+            for key, refs in copies.items():
+                if key in copied or len(refs) != 1:
+                    continue
+                run, i = in_flight[refs[0]][1][:2]
+                late = (now - started_at[refs[0]]) / max(1.5 * rate * run.shards[i].frames, 1e-3)
+                free = [k for k in slots if k not in avoid.get(key, set())]
+                if run.status == "running" and late > 1 and free and (best is None or late > best[0]):
+                    best = (late, run, i, free[0])
+            if best is None:
+                return False
+            _, run, i, slot = best
+            copied.add((run.key, i))
+            dispatch_shard(slot, run, i, copy=True)
+            return True
+
+        def cancel_copy(ref: Any, key: tuple[str, int]) -> None:
+            """The other copy won: stop this one (it writes only its own part names) and free its actor when
+            it has stopped; ``ray.cancel`` drops it if it had not started, ``abort`` stops it between chunks."""
+            run, i, slot, st_ref, name = in_flight[ref][1]
+            ray.cancel(ref)
+            if self.actors[slot] is not None:
+                self.actors[slot].abort.remote(name)
+            in_flight[ref] = ("abandoned", (slot, st_ref))
+            self.event("shard_cancelled", video=run.key, shard=i, actor=slot, reason="another copy finished first")
+
+        def blocklist(slot: int) -> None:
+            n = self.actor_failures.get(slot, 0)
+            if n < sch.blocklist_after or slot in self.retired:
+                return
+            self.retired[slot] = f"blocklisted after {n} failed shards"
+            actor, self.actors[slot] = self.actors[slot], None
+            if actor is not None:
+                ray.kill(actor)  # its in-flight work (if any) comes back as a death and is re-dispatched
+            self.event("actor_blocklisted", actor=slot, failures=n)
+
+        def hung(slot: int, reason: str) -> None:
+            """Kill a hung actor; its shard comes back as an actor death and goes to another actor."""
+            ref = busy.get(slot)
+            entry = in_flight.get(ref)
+            data: dict[str, Any] = {}
+            if entry and entry[0] == "shard":
+                run, i = entry[1][:2]
+                avoid.setdefault((run.key, i), set()).add(slot)
+                data = {"video": run.key, "shard": i}
+            self.event("actor_hung", actor=slot, reason=reason, **data)
+            self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+            actor = self.actors[slot]
+            heart.pop(slot, None)
+            if actor is not None:
+                killed.append(actor)
+                ray.kill(actor)
+            if ref is None:  # idle: nothing will report the death, so replace it here
+                self.replace_actor(slot)
+            blocklist(slot)
+
+        def heartbeats() -> None:
+            """Ping every actor; a ping unanswered for heartbeat_s, or one render call running past
+            max(stall_s, 4x the longest call seen), means hung. Dead idle actors are replaced here."""
+            nonlocal max_call_s
+            if sch.heartbeat_s is None:
+                return
+            now = time.monotonic()
+            for slot, actor in enumerate(self.actors):
+                if actor is None or any(actor is k for k in killed):  # killed: its death is on its way back
+                    continue
+                h = heart.get(slot)
+                if h is None or h["actor"] is not actor:  # a replacement is not alive until it answers once
+                    alive = self.generation[slot] == 0  # the first actors answered info() in start_actors
+                    h = heart[slot] = {"actor": actor, "ref": None, "sent": 0.0, "alive": alive}
+                if h["ref"] is None:
+                    if now - h["sent"] >= min(1.0, sch.heartbeat_s / 4):
+                        h["ref"], h["sent"] = actor.ping.remote(), now
+                    continue
+                if not ray.wait([h["ref"]], timeout=0)[0]:
+                    if h["alive"] and now - h["sent"] > sch.heartbeat_s:
+                        hung(slot, f"no heartbeat for {sch.heartbeat_s:g} s")
+                    continue
+                try:
+                    beat = ray.get(h.pop("ref"))
+                    h["ref"] = None
+                except ray.exceptions.RayError as e:
+                    heart.pop(slot, None)
+                    if _actor_died(e) and slot not in busy:  # died idle: replace before it is given a shard
+                        self.event("actor_died", actor=slot, error=_one_line(e, self.so))
+                        self.replace_actor(slot)
+                    continue
+                h["alive"] = True
+                max_call_s = max(max_call_s, beat["max_call_s"])
+                limit = max(sch.stall_s, 4 * max_call_s)
+                if slot in busy and beat["call_s"] > limit:
+                    hung(slot, f"one render call has run {beat['call_s']:.0f} s (limit {limit:.0f} s)")
 
         def dispatch_prepare(slot: int, run: VideoRun) -> None:
             ctx = VideoContext(
@@ -378,7 +536,7 @@ class JobRunner:
                 width=run.info.width,
                 height=run.info.height,
                 fps=float(run.info.fps),
-                params=dict(self.spec.model.params),
+                params={**self.spec.model.params, **run.input.params},  # manifest columns win
                 storage_options=self.so,
             )
             ref = self.actors[slot].prepare.options(name=f"{self.spec.job_id}/{run.key}/prepare").remote(ctx)
@@ -415,7 +573,8 @@ class JobRunner:
                         break
                     # else: leave it for a busy actor that has not failed it yet
                 else:
-                    return
+                    if not speculate(slots):
+                        return
 
         def after_shard_done(run: VideoRun, i: int) -> None:
             # Blend every overlap whose two shards are done, then commit once all pieces are in.
@@ -457,15 +616,18 @@ class JobRunner:
                 after_shard_done(run, i)
 
         while any(run.status == "running" for run in runs):
+            heartbeats()
             fill_actors()
             if not in_flight:
+                why = "; ".join(f"actor {k}: {v}" for k, v in sorted(self.retired.items()))
                 for run in runs:
                     if run.status == "running":
                         self.fail_video(
                             run,
-                            f"{run.input.url}: no healthy actor left to render it"
+                            f"{run.input.url}: no healthy actor left to render it ({why})"
                             if all(a is None for a in self.actors)
-                            else f"{run.input.url}: stopped, job failure budget max_failed_shards exhausted",
+                            else f"{run.input.url}: stopped, job failure budget max_failed_shards="
+                            f"{self.spec.max_failed_shards} exhausted ({self.failed_shards} shards failed)",
                         )
                 break
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
@@ -483,21 +645,48 @@ class JobRunner:
                             prep_queue.insert(0, run)
                         else:
                             self.fail_video(run, _one_line(e, self.so))
+                elif kind == "abandoned":  # a cancelled copy has stopped: its actor is free again
+                    slot, st_ref = payload
+                    if busy.get(slot) == ref:
+                        busy.pop(slot)
+                    _consume(ref)
+                    _consume(st_ref)
                 elif kind == "shard":
-                    run, i, slot, st_ref = payload
+                    run, i, slot, st_ref, _ = payload
                     busy.pop(slot, None)
-                    running_shards.discard((run.key, i))
+                    key = (run.key, i)
+                    copies[key].remove(ref)
+                    others = copies[key]
+                    if not others:
+                        del copies[key]
+                        running_shards.discard(key)
                     try:
                         record = ray.get(ref)
-                    except ray.exceptions.RayError as e:
+                        _check_plan(run, i, record)
+                    except (ray.exceptions.RayError, SinkError) as e:
                         _consume(st_ref)
-                        self.on_shard_error(run, i, slot, e, attempts, avoid, r)
+                        if others:  # the other copy may still finish: only the actor is charged
+                            if _actor_died(e):
+                                self.replace_actor(slot)
+                            else:
+                                self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+                                avoid.setdefault(key, set()).add(slot)
+                            self.event("shard_failed", video=run.key, shard=i, actor=slot, copy=True,
+                                       error=_one_line(e, self.so))
+                        else:
+                            self.on_shard_error(run, i, slot, e, attempts, avoid, r)
+                        blocklist(slot)
                         continue
+                    for other in list(others):  # first result wins
+                        cancel_copy(other, key)
+                    copies.pop(key, None)
+                    running_shards.discard(key)
                     if run.status != "running":
                         continue
+                    per_frame.append(record["seconds"] / max(run.shards[i].frames, 1))
                     run.records[i] = record
                     run.state_refs[i] = st_ref
-                    self.ledger.mark_shard_done(run.key, i, record)
+                    self.ledger.mark_shard_done(run.key, i, {**record, "input": run.fingerprint})
                     for ch in run.targets:
                         run.pieces[ch].append(record["channels"][ch]["core"])
                     self.event(
@@ -526,7 +715,10 @@ class JobRunner:
                         continue
                     if len(run.outputs) == len(run.targets) and run.status == "running":
                         run.status, run.seconds = "succeeded", time.time() - run.started
-                        self.ledger.write_json(f"videos/{run.key}.json", {"url": run.input.url, "outputs": run.outputs})
+                        self.ledger.write_json(
+                            f"videos/{run.key}.json",
+                            {"url": run.input.url, "outputs": run.outputs, "input": run.fingerprint},
+                        )
                         self.event("video_done", video=run.key, seconds=run.seconds)
 
     def on_shard_error(self, run: VideoRun, i: int, slot: int, e: Exception, attempts, avoid, retries: int) -> None:
@@ -569,6 +761,17 @@ class JobRunner:
             "input_errors": input_errors,
             "videos": videos,
         }
+
+
+def _check_plan(run: VideoRun, i: int, record: dict[str, Any]) -> None:
+    """Every segment holds exactly the frames its plan gives it (av1an#770): else a retried error."""
+    s = run.shards[i]
+    for ch, entry in record["channels"].items():
+        if entry["core"]["frames"] != s.core_stop - s.core_start:
+            raise SinkError(
+                f"{run.input.url}: shard {i} {ch} segment has {entry['core']['frames']} frames, "
+                f"the plan says {s.core_stop - s.core_start}"
+            )
 
 
 def _consume(ref: Any) -> None:
@@ -623,4 +826,9 @@ def run_job(
     spec = absolute_local_paths(spec)
     need = math.ceil(spec.resources.actors * spec.resources.cpus_per_actor) + 1
     ensure_ray(address, num_cpus=None if address else max(os.cpu_count() or 1, need))
-    return JobRunner(spec, progress=progress, force=force).run()
+    from farm.report import write_report
+
+    runner = JobRunner(spec, progress=progress, force=force)
+    result = runner.run()
+    result.report_url = write_report(runner, result)
+    return result

@@ -123,6 +123,11 @@ class _SegmentPiece(Piece):
                 raise SinkError(
                     f"{self.name}: segment has {counted} frames, {self.frames} were rendered (encoder lost frames)"
                 )
+            from farm.video import probe
+
+            got, t = probe(self.path), self.sink.target
+            if (got.width, got.height) != (t.width, t.height):
+                raise SinkError(f"{self.name}: segment is {got.width}x{got.height}, the output is {t.width}x{t.height}")
             url = storage.join(self.sink.target.parts_url, f"{self.name}.{self.sink.target.format}")
             digest = _sha256_file(self.path)
             storage.put_file_atomic(self.path, url, self.sink.so)

@@ -112,6 +112,29 @@ class ResourcesSpec(_Strict):
     gpu_memory_gb: float | None = Field(None, gt=0, description="Per-actor GPU memory budget, checked at load.")
 
 
+class LimitsSpec(_Strict):
+    max_frames: int | None = Field(None, ge=1, description="Refuse input videos with more frames than this.")
+    max_pixels: int | None = Field(None, ge=1, description="Refuse input videos with more pixels per frame (w*h).")
+
+
+class SchedulerSpec(_Strict):
+    speculative: bool | None = Field(
+        None,
+        description="Copy a straggling shard to an idle actor at a video's tail; the first result wins. "
+        "null: on for stateless models, off for handoff chains (always off there).",
+    )
+    heartbeat_s: float | None = Field(
+        30.0, gt=0, description="An actor that does not answer a ping within this is hung: killed and replaced."
+    )
+    stall_s: float = Field(
+        300.0,
+        gt=0,
+        description="A busy actor whose render makes no progress (no chunk finished) for this long, and for 4x "
+        "the longest chunk seen in the job, is hung.",
+    )
+    blocklist_after: int = Field(3, ge=1, description="Failures of one actor in a job after which it gets no shards.")
+
+
 class JobSpec(_Strict):
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$", description="Job name, used in keys.")
     inputs: list[str] = Field(min_length=1, description="Video URLs or globs (local or fsspec).")
@@ -121,7 +144,9 @@ class JobSpec(_Strict):
     resources: ResourcesSpec = Field(default_factory=ResourcesSpec)
     retries: int = Field(2, ge=0, le=20, description="Extra attempts per shard, each on another actor if any.")
     max_failed_shards: int | None = Field(None, ge=0, description="Stop the job after this many failed shards.")
+    scheduler: SchedulerSpec = Field(default_factory=SchedulerSpec, description="Failure and straggler handling.")
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options (credentials).")
+    limits: LimitsSpec = Field(default_factory=LimitsSpec, description="Inputs over these are refused at probe.")
 
     @field_validator("inputs")
     @classmethod
@@ -133,7 +158,8 @@ class JobSpec(_Strict):
 
     def fingerprint(self) -> str:
         """A short hash of what determines the output (not credentials): the job id's suffix."""
-        data = self.model_dump(mode="json", exclude={"storage_options", "resources", "retries", "max_failed_shards"})
+        runtime_only = {"storage_options", "resources", "retries", "max_failed_shards", "limits", "scheduler"}
+        data = self.model_dump(mode="json", exclude=runtime_only)
         return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
 
     @property

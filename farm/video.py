@@ -77,6 +77,8 @@ class VideoInfo:
 
 
 def _one_line(e: BaseException) -> str:
+    if isinstance(e, av.FFmpegError) and e.strerror:  # not "[Errno 1094995529] ...: 'avcodec_send_packet()'"
+        return e.strerror
     return " ".join(str(e).split()) or type(e).__name__
 
 
@@ -99,7 +101,11 @@ def _open(url: str, storage_options: dict | None = None) -> Iterator[Any]:
             with av.open(path, "r") as c:
                 yield c
         else:
-            with fsspec.open(url, "rb", **(storage_options or {})) as f, av.open(f, "r") as c:
+            try:
+                opened = fsspec.open(url, "rb", **(storage_options or {}))
+            except (ValueError, ImportError) as e:  # "Protocol not known: ftpx", a backend not installed
+                raise VideoError(f"{url}: unsupported URL ({_one_line(e)})") from e
+            with opened as f, av.open(f, "r") as c:
                 yield c
     except VideoError:
         raise
@@ -337,7 +343,7 @@ def _read(
                 target = nxt if nxt > 0 else None
                 continue
             except av.FFmpegError as e:
-                raise VideoError(f"{url}: {_one_line(e)}") from e
+                raise VideoError(f"{url}: cannot decode frame {start + yielded}: {_one_line(e)}") from e
         break
     if yielded < stop - start:
         raise VideoError(

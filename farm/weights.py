@@ -122,8 +122,12 @@ def _resolve(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
     if ref.startswith("pypi:"):
         return _resolve_pypi(ref, cache)
     scheme = urllib.parse.urlsplit(ref).scheme.lower() if "://" in ref else ""
-    if scheme == "file":
-        return _existing(Path(urllib.request.url2pathname(urllib.parse.urlsplit(ref).path)), ref)
+    if scheme == "file":  # a #sha256= fragment is checked here too, not silently ignored
+        found = _existing(Path(urllib.request.url2pathname(urllib.parse.urlsplit(ref).path)), ref)
+        sha = _split_sha(ref)[1]
+        if sha:
+            _verify(found, sha, ref, delete=False)
+        return found
     if scheme in ("http", "https"):
         return _resolve_http(ref, cache)
     if scheme == "hf":

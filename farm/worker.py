@@ -11,6 +11,7 @@ import io
 import itertools
 import os
 import socket
+import sys
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,7 +22,7 @@ from actors.base import State, VideoContext
 from farm import storage
 from farm.channels import channel_frames
 from farm.plan import Shard
-from farm.sinks import OutputTarget, make_sink
+from farm.sinks import OutputTarget, SinkError, make_sink
 from farm.stitch import to_uint8
 
 
@@ -50,10 +51,15 @@ class ShardTask:
     chunk: int | None = 16  # frames per render call for chunkable models; None = whole shard
     background: tuple[float, float, float] = (0.0, 0.0, 0.0)
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
+    tag: str = ""  # suffix of this attempt's part names: a speculative copy never overwrites the original's
 
     @property
     def name(self) -> str:
         return f"{self.job_id}/{self.video_key}/{self.shard.name}"
+
+
+class ShardCancelled(RuntimeError):
+    """The driver aborted this shard (another copy of it won): nothing of it was uploaded."""
 
 
 def save_npz(url: str, arrays: dict[str, np.ndarray], storage_options: dict[str, Any]) -> str:
@@ -84,6 +90,9 @@ class ModelWorker:
 
         t0 = time.perf_counter()
         self.config = config
+        # Heartbeat: read by ``ping`` on the actor's second thread while a shard renders on the first.
+        self.progress, self.call_started, self.max_call_s = 0, None, 0.0
+        self.aborted: set[str] = set()
         self.model = load_model_class(config.name)(**config.params)
         weights = None
         if config.weights:
@@ -105,10 +114,41 @@ class ModelWorker:
             )
 
     def info(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "load_seconds": self.load_seconds}
+        import ray
+
+        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+        return {"host": socket.gethostname(), "pid": os.getpid(), "node": node, "load_seconds": self.load_seconds}
+
+    def ping(self) -> dict[str, Any]:
+        """Liveness and progress, answered on a second thread (the actor runs max_concurrency=2)."""
+        call_s = time.monotonic() - self.call_started if self.call_started is not None else 0.0
+        return {"progress": self.progress, "call_s": call_s, "max_call_s": self.max_call_s}
+
+    def abort(self, name: str) -> None:
+        """Stop the shard attempt ``name`` (task name + tag) at its next chunk, before it uploads anything."""
+        self.aborted.add(name)
 
     def prepare(self, video: VideoContext) -> Any:
         return self.model.prepare(video)
+
+    def _render(
+        self, batch: np.ndarray, cond: Any, state: State | None, splittable: bool, splits: list[int]
+    ) -> tuple[dict[str, np.ndarray], State | None]:
+        """``model.render``; on out of memory, halve the batch and render the halves in turn (down to one
+        frame). A render keeps no hidden state, so the state before the failed call is still ``state``."""
+        try:
+            return self.model.render(batch, cond, state)
+        except Exception as e:
+            if not (splittable and len(batch) > 1 and _is_oom(e)):
+                raise
+        splits.append(len(batch))
+        torch = sys.modules.get("torch")
+        if torch is not None and torch.cuda.is_available():
+            torch.cuda.empty_cache()  # give the failed call's blocks back before retrying
+        h = len(batch) // 2
+        first, state = self._render(batch[:h], cond, state, splittable, splits)
+        second, state = self._render(batch[h:], cond, state, splittable, splits)
+        return {k: np.concatenate([first[k], second[k]]) for k in first}, state
 
     def render_shard(self, task: ShardTask, cond: Any, state: State | None) -> tuple[dict[str, Any], State | None]:
         t0 = time.perf_counter()
@@ -120,17 +160,26 @@ class ModelWorker:
         run_start = s.start - s.preroll
         frames = read_frames(task.url, run_start, s.stop, storage_options=task.storage_options)
         sinks = {ch: make_sink(t) for ch, t in task.targets.items()}
-        cores = {ch: sink.open_piece(f"core-{s.index:04d}", s.core_start) for ch, sink in sinks.items()}
+        cores = {ch: sink.open_piece(f"core-{s.index:04d}{task.tag}", s.core_start) for ch, sink in sinks.items()}
         heads: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
         tails: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
         handoff_state: State | None = None
         rendered = 0
+        splits: list[int] = []  # batch sizes that ran out of memory and were halved
 
         for a, b in _render_ranges(run_start, s, task.handoff_at, task.chunk):
             batch = np.stack(list(itertools.islice(frames, b - a)))  # [t, H, W, 3] uint8
             if len(batch) != b - a:
                 raise RuntimeError(f"{task.name}: decoded {len(batch)} frames for [{a}, {b}) of {task.url}")
-            outputs, state = self.model.render(batch, cond, state)
+            if task.name + task.tag in self.aborted:
+                raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
+            self.call_started = time.monotonic()
+            try:
+                outputs, state = self._render(batch, cond, state, task.chunk is not None, splits)
+            finally:
+                self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
+                self.call_started = None
+                self.progress += 1
             rendered += b - a
             if b == task.handoff_at:
                 handoff_state = state
@@ -145,21 +194,35 @@ class ModelWorker:
                 if lo < hi:
                     cores[ch].write(to_uint8(out[lo - a : hi - a]))
         frames.close()
+        if task.name + task.tag in self.aborted:
+            raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
 
         record: dict[str, Any] = {"shard": s.to_dict(), "channels": {}, "rendered_frames": rendered}
         for ch in sinks:
             entry: dict[str, Any] = {"core": cores[ch].close()}
+            if entry["core"]["frames"] != s.core_stop - s.core_start:  # the plan, not what the model returned
+                raise SinkError(
+                    f"{task.name}: {ch} segment has {entry['core']['frames']} frames, the plan says "
+                    f"{s.core_stop - s.core_start} (frames lost between model and encoder)"
+                )
             for side, parts in (("head", heads[ch]), ("tail", tails[ch])):
                 if parts:
-                    url = storage.join(task.targets[ch].parts_url, f"{s.name}.{side}.npz")
+                    url = storage.join(task.targets[ch].parts_url, f"{s.name}{task.tag}.{side}.npz")
                     entry[side] = save_npz(url, {"frames": np.concatenate(parts)}, task.storage_options)
             record["channels"][ch] = entry
         if handoff_state is not None:
             url = storage.join(task.ledger_root, "state", task.video_key, f"{s.name}.npz")
             record["state_url"] = save_npz(url, handoff_state, task.storage_options)
+        if splits:
+            record["oom_splits"] = splits
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}
         return record, handoff_state
+
+
+def _is_oom(e: BaseException) -> bool:
+    """torch's OutOfMemoryError (CUDA or other accelerators), told apart without importing torch."""
+    return any(c.__name__ == "OutOfMemoryError" and c.__module__.startswith("torch") for c in type(e).__mro__)
 
 
 def _render_ranges(run_start: int, s: Shard, handoff_at: int | None, chunk: int | None) -> list[tuple[int, int]]:

@@ -1,0 +1,142 @@
+"""The run report (one Parquet row per video, next to the job's manifest) and status from the ledger alone.
+
+The report is for nightly batches: a cron job or a notebook reads ``report.parquet`` to see what
+failed and why, without parsing logs. ``ledger_status`` answers ``farm status job.yaml`` from storage
+only (plan, shard markers, video records, failure events), so it works with no cluster at all.
+"""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from typing import Any
+
+from farm import storage
+
+REPORT_NAME = "report.parquet"
+
+
+def report_rows(runner: Any, result: Any) -> list[dict[str, Any]]:
+    """One row per video of the run: url, status, error, frames, seconds, fps, outputs, shards dispatched."""
+    dispatched = Counter(e["video"] for e in runner.events if e["event"] == "shard_dispatched")
+    failed = Counter(e["video"] for e in runner.events if e["event"] == "shard_failed")
+    rows = []
+    for key, v in result.manifest["videos"].items():
+        run = runner.videos.get(key)
+        frames = v["frames"]
+        seconds = float(v["seconds"] or 0.0)
+        rendered = v["status"] == "succeeded" and frames and seconds > 0
+        rows.append(
+            {
+                "url": v["url"],
+                "video": key,
+                "status": v["status"],
+                "error": v["error"],
+                "frames": frames,
+                "seconds": seconds,
+                "fps": round(frames / seconds, 3) if rendered else None,  # render speed, frames per second
+                "source_fps": v["fps"],
+                "shards": v["shards"],
+                "shards_dispatched": dispatched.get(key, 0),
+                "shards_failed": failed.get(key, 0),
+                "outputs": sorted(o["url"] for o in v["outputs"].values() if o.get("url")),
+                "input_fingerprint": run.fingerprint if run else None,
+            }
+        )
+    return rows
+
+
+def write_report(runner: Any, result: Any) -> str:
+    """Write ``report.parquet`` next to ``manifest.json`` (atomically) and return its URL."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    schema = pa.schema(
+        [
+            ("url", pa.string()),
+            ("video", pa.string()),
+            ("status", pa.string()),
+            ("error", pa.string()),
+            ("frames", pa.int64()),
+            ("seconds", pa.float64()),
+            ("fps", pa.float64()),
+            ("source_fps", pa.string()),
+            ("shards", pa.int64()),
+            ("shards_dispatched", pa.int64()),
+            ("shards_failed", pa.int64()),
+            ("outputs", pa.list_(pa.string())),
+            ("input_fingerprint", pa.string()),
+        ]
+    )
+    table = pa.Table.from_pylist(report_rows(runner, result), schema=schema)
+    table = table.replace_schema_metadata({"job": result.job_id, "manifest": result.manifest_url})
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    return storage.write_bytes_atomic(runner.ledger.url(REPORT_NAME), buf.getvalue(), runner.ledger.storage_options)
+
+
+def read_report(url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    import pyarrow.parquet as pq
+
+    return pq.read_table(io.BytesIO(storage.read_bytes(url, storage_options or {}))).to_pylist()
+
+
+def summary_line(manifest: dict[str, Any]) -> str:
+    """``N succeeded, N skipped, N failed of N videos, F frames in S s``: the line cron mails."""
+    counts = Counter(v["status"] for v in manifest["videos"].values())
+    frames = sum(v["frames"] or 0 for v in manifest["videos"].values() if v["status"] == "succeeded")
+    parts = [f"{counts.get(s, 0)} {s}" for s in ("succeeded", "skipped", "failed")]
+    n = len(manifest["videos"])
+    return f"{', '.join(parts)} of {n} videos, {frames} frames rendered in {manifest['seconds']:.1f}s"
+
+
+def ledger_status(spec: Any) -> dict[str, Any]:
+    """Per video: shards done/total, frames, failures, status; read from the job's ledger in storage."""
+    from farm.driver import absolute_local_paths, ledger_root
+    from farm.ledger import Ledger
+
+    spec = absolute_local_paths(spec)  # the job id is computed from absolute local paths, as run_job does
+    ledger = Ledger(ledger_root(spec), spec.storage_options)
+    plan = ledger.read_plan()
+    doc: dict[str, Any] = {"job": spec.job_id, "ledger": storage.redact(ledger.root, spec.storage_options)}
+    if plan is None:
+        doc.update(state="not started", videos={})
+        return doc
+    manifest = ledger.read_manifest()
+    try:
+        events = ledger.read_events()
+    except storage.StorageNotFound:
+        events = []
+    failures = Counter(e.get("video") for e in events if e.get("event") == "shard_failed")
+    videos = {}
+    for key, p in plan["videos"].items():
+        done = ledger.done_shards(key)
+        shards = p["shards"]
+        frames_done = sum(s["core_stop"] - s["core_start"] for s in shards if s["index"] in done)
+        record = ledger.read_json(f"videos/{key}.json")
+        m = (manifest or {}).get("videos", {}).get(key, {})
+        if record:
+            status = "succeeded"
+        elif m.get("status") == "failed":
+            status = "failed"
+        else:
+            status = "running" if manifest is None else m.get("status", "waiting")
+        videos[key] = {
+            "url": p["url"],
+            "status": status,
+            "shards_done": len(done),
+            "shards": len(shards),
+            "frames_done": frames_done,
+            "frames": shards[-1]["stop"] if shards else 0,
+            "failures": failures.get(key, 0),
+            "error": m.get("error"),
+            "outputs": [o["url"] for o in (record or {}).get("outputs", {}).values()],
+        }
+    for key, m in ((manifest or {}).get("videos") or {}).items():  # failed before planning (probe errors)
+        if key not in videos:
+            videos[key] = {"url": m["url"], "status": m["status"], "shards_done": 0, "shards": 0, "frames_done": 0,
+                           "frames": m.get("frames") or 0, "failures": 0, "error": m.get("error"), "outputs": []}
+    doc.update(state="finished" if manifest else "running or interrupted", videos=videos)
+    if manifest:
+        doc["report"] = ledger.url(REPORT_NAME)
+    return doc

@@ -36,10 +36,11 @@ class ChromaKeyer(VideoModel):
 
     def prepare(self, video: VideoContext) -> dict[str, np.ndarray]:
         """Resolve the key colour once per video, so every shard keys against the same colour."""
-        return {"key_rgb": self._key_rgb(video)}
+        key = video.params.get("key", self.key)  # a manifest row may give each video its own screen colour
+        return {"key_rgb": self._key_rgb(video, key)}
 
-    def _key_rgb(self, video: VideoContext | None) -> np.ndarray:
-        key = self.key
+    def _key_rgb(self, video: VideoContext | None, key: Any = None) -> np.ndarray:
+        key = self.key if key is None else key
         if isinstance(key, str) and key in KEY_COLOURS:
             return np.asarray(KEY_COLOURS[key], dtype=np.float32)
         if isinstance(key, (list, tuple)) and len(key) == 3:

@@ -110,6 +110,9 @@ class ResourcesSpec(_Strict):
     cpus_per_actor: float = Field(1.0, ge=0)
     gpus_per_actor: float = Field(0.0, ge=0)
     gpu_memory_gb: float | None = Field(None, gt=0, description="Per-actor GPU memory budget, checked at load.")
+    custom: dict[str, float] = Field(
+        default_factory=dict, description="Custom Ray resources per actor, e.g. {matting_gpu: 1} (see cluster.yaml)."
+    )
 
 
 class LimitsSpec(_Strict):

@@ -182,6 +182,7 @@ class JobRunner:
         options = dict(
             num_cpus=r.cpus_per_actor,
             num_gpus=r.gpus_per_actor,
+            resources=dict(r.custom) or None,  # custom node resources the autoscaler scales on
             max_concurrency=2,  # one shard at a time (the driver never sends two), plus ping/abort beside it
             max_restarts=0,  # the driver replaces dead actors itself, and knows which shard they held
             runtime_env={"env_vars": {"FARM_ACTOR_SLOT": str(slot)}},
@@ -315,7 +316,9 @@ class JobRunner:
                 continue
             i = run.info
             if lim.max_frames is not None and i.frame_count > lim.max_frames:
-                self.fail_video(run, f"{run.input.url}: {i.frame_count} frames, over limits.max_frames={lim.max_frames}")
+                self.fail_video(
+                    run, f"{run.input.url}: {i.frame_count} frames, over limits.max_frames={lim.max_frames}"
+                )
             elif lim.max_pixels is not None and i.width * i.height > lim.max_pixels:
                 self.fail_video(
                     run, f"{run.input.url}: {i.width}x{i.height} pixels, over limits.max_pixels={lim.max_pixels}"
@@ -649,8 +652,12 @@ class JobRunner:
                     slot, st_ref = payload
                     if busy.get(slot) == ref:
                         busy.pop(slot)
-                    _consume(ref)
                     _consume(st_ref)
+                    try:
+                        ray.get(ref)
+                    except ray.exceptions.RayError as e:
+                        if _actor_died(e):  # e.g. killed as hung while stopping: it still needs a successor
+                            self.replace_actor(slot)
                 elif kind == "shard":
                     run, i, slot, st_ref, _ = payload
                     busy.pop(slot, None)

@@ -1,0 +1,204 @@
+"""The scheduler under failure, on a real local Ray: dead, hung, failing and slow actors, lost frames,
+the failure budget and the memory budget. Faults come from the synthetic model's own parameters (and
+``ray.kill`` / SIGSTOP on real actor processes); every assertion is on outputs and the event log, never
+on time."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+import ray
+import yaml
+
+from farm.driver import JobError, JobRunner, absolute_local_paths
+from farm.sample import write_sample
+from farm.spec import parse_spec
+from farm.video import probe, read_frames
+
+FRAMES = 48  # 6 shards of 8
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    d = tmp_path_factory.mktemp("sched")
+    video, _ = write_sample(str(d / "clip.mp4"), frames=FRAMES, width=64, height=48, seed=5)
+    return video
+
+
+def job(clip: str, out: Path, actors: int = 2, params: dict | None = None, **top: Any) -> dict:
+    return {
+        "name": "sched",
+        "inputs": [clip] if isinstance(clip, str) else clip,
+        "model": {"name": "synthetic", "params": params or {}},
+        "window": {"frames": 8},
+        "output": {"uri": str(out / "{job}/{stem}_{channel}.{ext}"), "channels": ["alpha"], "format": "mp4"},
+        "resources": {"actors": actors},
+        **top,
+    }
+
+
+def run(job_dict: dict, on_event=None) -> tuple[Any, list[dict], JobRunner]:
+    """Run a job in this thread; ``on_event(runner, kind, data)`` sees every event as it happens."""
+    spec = absolute_local_paths(parse_spec(yaml.safe_dump(job_dict), "test.yaml"))
+    holder: dict[str, JobRunner] = {}
+    runner = JobRunner(spec, progress=(lambda k, d: on_event(holder["r"], k, d)) if on_event else None)
+    holder["r"] = runner
+    result = runner.run()
+    return result, runner.events, runner
+
+
+def alpha(result) -> np.ndarray:
+    (entry,) = result.manifest["videos"].values()
+    url = entry["outputs"]["alpha"]["url"]
+    return np.stack(list(read_frames(url, 0, probe(url).frame_count)))
+
+
+def of(events: list[dict], kind: str, **match: Any) -> list[dict]:
+    return [e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())]
+
+
+@pytest.fixture(scope="module")
+def reference(ray_session, clip, tmp_path_factory) -> np.ndarray:
+    """The output of a run where nothing goes wrong: every faulty run must give exactly this."""
+    result, events, _ = run(job(clip, tmp_path_factory.mktemp("ref")))
+    assert result.ok, result.manifest
+    frames = alpha(result)
+    assert len(frames) == FRAMES
+    assert not of(events, "actor_replaced") and not of(events, "shard_failed")
+    return frames
+
+
+def test_dead_actors_are_replaced_and_their_shard_redispatched(ray_session, clip, reference, tmp_path):
+    """Actor 1 is killed while idle (before any shard), actor 0 with its first shard in flight."""
+    killed: dict[str, Any] = {}
+
+    def on_event(runner, kind, data):
+        if kind == "actor_ready" and data["actor"] == 1:
+            ray.kill(runner.actors[1])
+        if kind == "shard_dispatched" and data["actor"] == 0 and "mid" not in killed:
+            killed["mid"] = (data["video"], data["shard"])
+            ray.kill(runner.actors[0])
+
+    result, events, runner = run(job(clip, tmp_path, params={"sleep_per_frame": 0.01}), on_event)
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    assert of(events, "actor_replaced", actor=0) and of(events, "actor_replaced", actor=1)
+    video, shard = killed["mid"]
+    redispatched = of(events, "shard_dispatched", video=video, shard=shard)
+    assert len(redispatched) >= 2 and redispatched[-1]["attempt"] >= 2
+    done = of(events, "shard_done", video=video, shard=shard)
+    assert len(done) == 1
+    # The event log is persisted in the ledger.
+    saved = json.loads((Path(runner.ledger.root) / "events.json").read_text())
+    assert [e["event"] for e in saved] == [e["event"] for e in events]
+
+
+def test_failing_actor_is_blocklisted_and_the_job_finishes_on_the_others(ray_session, clip, reference, tmp_path):
+    result, events, _ = run(job(clip, tmp_path, params={"fail_on_actor": 1}))
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    (bl,) = of(events, "actor_blocklisted", actor=1)
+    assert bl["failures"] == 3 and len(of(events, "shard_failed", actor=1)) == 3
+    after = events[events.index(bl) :]
+    assert not of(after, "shard_dispatched", actor=1), "a blocklisted actor got another shard"
+
+
+def test_job_fails_clearly_when_no_healthy_actor_remains(ray_session, clip, tmp_path):
+    j = job(clip, tmp_path, actors=1, params={"fail_on_actor": 0}, retries=5, scheduler={"blocklist_after": 2})
+    result, events, _ = run(j)
+    assert not result.ok
+    (entry,) = result.manifest["videos"].values()
+    assert "no healthy actor left" in entry["error"] and "blocklisted after 2 failed shards" in entry["error"]
+    assert len(of(events, "shard_failed")) == 2
+
+
+def test_hung_actor_is_killed_and_replaced(ray_session, clip, reference, tmp_path):
+    """SIGSTOP freezes actor 0 mid-shard: no ping answer within heartbeat_s, so it is killed and replaced."""
+    pids: dict[int, int] = {}
+
+    def on_event(runner, kind, data):
+        if kind == "actor_ready":
+            pids[data["actor"]] = data["pid"]
+        if kind == "shard_dispatched" and data["actor"] == 0 and 0 in pids:
+            os.kill(pids.pop(0), signal.SIGSTOP)
+
+    j = job(clip, tmp_path, params={"sleep_per_frame": 0.01}, scheduler={"heartbeat_s": 1.0, "speculative": False})
+    result, events, _ = run(j, on_event)
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    (h,) = of(events, "actor_hung", actor=0)
+    assert "no heartbeat" in h["reason"]
+    assert of(events, "actor_replaced", actor=0)
+    assert len(of(events, "shard_dispatched", video=h["video"], shard=h["shard"])) == 2
+
+
+def test_stalled_render_call_is_hung(ray_session, clip, reference, tmp_path):
+    """Actor 0 answers pings but one render call never ends (1000x slower): past stall_s it is hung."""
+    params = {"sleep_per_frame": 0.01, "slow_actor": 0, "slow_factor": 1000}
+    j = job(clip, tmp_path, params=params, scheduler={"stall_s": 1.0, "speculative": False})
+    result, events, _ = run(j)
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    hung = of(events, "actor_hung", actor=0)
+    assert hung and all("render call" in h["reason"] for h in hung)
+
+
+def test_straggler_copy_wins(ray_session, clip, reference, tmp_path):
+    """Actor 0 is 20x slower: at the tail its shard is copied to idle actor 1, whose result wins."""
+    params = {"sleep_per_frame": 0.02, "slow_actor": 0, "slow_factor": 20}
+    result, events, _ = run(job(clip, tmp_path, params=params))
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    (copy,) = of(events, "shard_speculated")
+    assert copy["actor"] == 1
+    key = {"video": copy["video"], "shard": copy["shard"]}
+    (done,) = of(events, "shard_done", **key)
+    assert done["actor"] == 1
+    (cancelled,) = of(events, "shard_cancelled", **key)
+    assert cancelled["actor"] == 0
+
+
+def test_no_copies_when_speculation_is_off(ray_session, clip, reference, tmp_path):
+    params = {"sleep_per_frame": 0.005, "slow_actor": 0, "slow_factor": 20}
+    result, events, _ = run(job(clip, tmp_path, params=params, scheduler={"speculative": False}))
+    assert result.ok and not of(events, "shard_speculated") and not of(events, "shard_cancelled")
+
+
+def test_lost_frame_is_detected_and_retried(ray_session, clip, reference, tmp_path):
+    marker = tmp_path / "drop-one-frame"
+    marker.touch()
+    result, events, _ = run(job(clip, tmp_path, params={"drop_frame_marker": str(marker)}))
+    assert not marker.exists(), "the fault was never injected"
+    assert result.ok, result.manifest
+    (failed,) = of(events, "shard_failed")
+    assert "the plan says 8" in failed["error"]
+    np.testing.assert_array_equal(alpha(result), reference)
+
+
+def test_failure_budget_stops_scheduling(ray_session, clip, tmp_path):
+    second = tmp_path / "second.mp4"
+    shutil.copy(clip, second)
+    params = {"fail_on_actor": 0}
+    j = job([clip, str(second)], tmp_path, actors=1, params=params, retries=0, max_failed_shards=0)
+    result, events, _ = run(j)
+    assert len(of(events, "shard_dispatched")) == 1  # without the budget, the other video's shards would run
+    errors = sorted(v["error"] for v in result.manifest["videos"].values())
+    assert any("max_failed_shards=0 exhausted" in e for e in errors)
+    assert any("always fails" in e for e in errors)
+
+
+def test_model_over_memory_budget_refuses_to_start(ray_session, clip, tmp_path):
+    j = job(clip, tmp_path, params={"memory_bytes": 2 * 2**30}, resources={"actors": 2, "gpu_memory_gb": 1})
+    spec = absolute_local_paths(parse_spec(yaml.safe_dump(j), "test.yaml"))
+    runner = JobRunner(spec)
+    with pytest.raises(JobError, match=r"does not fit the per-actor memory budget of 1.0 GiB on any of 2 actors"):
+        runner.run()
+    saved = json.loads((Path(runner.ledger.root) / "events.json").read_text())
+    assert len([e for e in saved if e["event"] == "actor_refused"]) == 2

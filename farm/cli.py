@@ -117,11 +117,14 @@ def plan(job: str, as_json: bool) -> None:
 @click.option("--force", is_flag=True, help="Render again what the ledger says is done.")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
 @click.option("--json", "as_json", is_flag=True, help="Print the manifest (or the submitted job id) as JSON.")
+@click.option("--wait", is_flag=True, help="With an http:// address: stream the job's log, exit with its exit code.")
 @click.pass_context
-def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet: bool, as_json: bool) -> None:
+def submit(
+    ctx: click.Context, job: str, address: str | None, force: bool, quiet: bool, as_json: bool, wait: bool
+) -> None:
     """Render every input video of JOB and commit the outputs."""
     if address and address.startswith(("http://", "https://")):
-        _submit_remote(ctx, job, address, force, as_json)
+        _submit_remote(ctx, job, address, force, as_json, wait)
         return
     from farm.driver import JobError, run_job
     from farm.progress import ProgressBar
@@ -161,7 +164,7 @@ def submit(ctx: click.Context, job: str, address: str | None, force: bool, quiet
     sys.exit(EXIT_OK if result.ok and not m["input_errors"] else EXIT_FAILED)
 
 
-def _submit_remote(ctx: click.Context, job: str, address: str, force: bool, as_json: bool) -> None:
+def _submit_remote(ctx: click.Context, job: str, address: str, force: bool, as_json: bool, wait: bool) -> None:
     from farm import remote
 
     _load(job)  # a bad job file is exit 2 here, before anything reaches the cluster
@@ -173,7 +176,19 @@ def _submit_remote(ctx: click.Context, job: str, address: str, force: bool, as_j
         click.echo(json.dumps({"id": job_id, "address": address}))
     else:
         click.echo(job_id)
-        click.echo(f"follow it with: farm status {job_id} --address {address}; farm logs {job_id} --follow", err=True)
+        if not wait:
+            click.echo(f"follow it: farm status {job_id} --address {address}; farm logs {job_id} --follow", err=True)
+    if wait:  # for cron: the cluster's exit code (0 all done, 1 some failed, 2 bad spec) becomes ours
+        try:
+            remote.logs(job_id, address, follow=True, echo=lambda s: click.echo(s, nl=False, err=True))
+            remote.wait(job_id, address, timeout=float("inf"))
+            doc = remote.status(job_id, address)
+        except remote.RemoteError as e:
+            _fail(str(e), EXIT_FAILED)
+        code = doc.get("driver_exit_code")
+        if doc["status"] == "SUCCEEDED":
+            sys.exit(EXIT_OK)
+        sys.exit(code if code in (EXIT_FAILED, EXIT_SPEC) else EXIT_FAILED)
 
 
 @main.command()

@@ -132,8 +132,8 @@ def submit(
 
     spec = _load(job)
     stdout = sys.stdout
-    if as_json:  # Ray prints worker/raylet lines to stdout: keep stdout for the JSON document alone
-        sys.stdout = sys.stderr
+    # Ray prints worker and raylet lines to stdout: they go to stderr, stdout keeps farm's results alone
+    sys.stdout = sys.stderr
     try:
         with ProgressBar(enabled=not quiet and not as_json) as bar:
             result = run_job(spec, address=address, progress=bar.update, force=force)
@@ -157,8 +157,9 @@ def submit(
                 + (f" -> {outs}" if outs else "")
                 + (f": {v['error']}" if v["error"] else "")
             )
-            click.echo(line, err=v["status"] == "failed")
-        click.echo(f"job {m['job']}: {summary_line(m)}; manifest {result.manifest_url}; report {result.report_url}")
+            click.echo(line, file=sys.stderr if v["status"] == "failed" else stdout)
+        summary = f"job {m['job']}: {summary_line(m)}; manifest {result.manifest_url}; report {result.report_url}"
+        click.echo(summary, file=stdout)
     for line in m["input_errors"]:
         click.echo(f"farm: {line}", err=True)
     sys.exit(EXIT_OK if result.ok and not m["input_errors"] else EXIT_FAILED)

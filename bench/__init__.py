@@ -1,0 +1,1 @@
+"""farm benchmarks: `python -m bench` runs them all."""

@@ -1,0 +1,155 @@
+"""Run every benchmark, each in its own process (its own Ray session): ``python -m bench [--quick]``.
+
+One benchmark alone: ``python -m bench.<name> [--quick]``. Results go to ``bench/results/<name>.json``.
+``python -m bench --table`` prints the README's Performance table from those files (runs nothing).
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+HERE = Path(__file__).parent
+BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams")  # seams: RVM handoff vs preroll error
+
+
+def _load(name: str) -> dict[str, Any] | None:
+    path = HERE / "results" / f"{name}.json"
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def _row(what: str, farm: str, base: str, ratio: float, target: str, met: bool) -> str:
+    return f"| {what} | {farm} | {base} | {ratio:.2f} | {target} | {'yes' if met else 'no'} |"
+
+
+def table() -> str:
+    """Markdown rows (benchmark, farm, baseline, ratio, target, met?) from bench/results/*.json."""
+    rows = ["| benchmark | farm | baseline | ratio | target | met? |", "| --- | --- | --- | --- | --- | --- |"]
+    machine_line = None
+    o = _load("orchestration")
+    if o:
+        machine_line = o["machine_line"]
+        for label, runs in (("1 node", o["local_node"]), ("4-node Cluster", o["cluster_4_nodes"]["runs"])):
+            for r in runs:
+                if r["actors"] not in (4, 16):
+                    continue
+                for key, what in (
+                    ("efficiency", "incl. pool start"),
+                    ("efficiency_excl_pool_start", "excl. pool start"),
+                ):
+                    rows.append(
+                        _row(
+                            f"orchestration, {r['actors']} actors, {label}, {what}",
+                            f"{round(r['wall_s'] if key == 'efficiency' else r['wall_s'] - r['pool_start_s'], 1)} s",
+                            f"{r['ideal_s']} s ideal",
+                            r[key],
+                            ">= 0.9",
+                            r[key] >= 0.9,
+                        )
+                    )
+    e = _load("end_to_end")
+    if e:
+        machine_line = machine_line or e["machine_line"]
+        for c in e["cases"]:
+            target = ">= 1.5" if c["case"].startswith("rvm") else "-"
+            met = c["ratio"] >= 1.5 if c["case"].startswith("rvm") else True
+            rows.append(
+                _row(
+                    f"end to end, {c['case']}, {c['farm']['frames']} frames 720p, 2 actors",
+                    f"{c['farm']['fps']} fps",
+                    f"{c['plain']['fps']} fps plain loop",
+                    c["ratio"],
+                    target,
+                    met,
+                )
+            )
+    io = _load("io")
+    if io:
+        for res, d in io["decode"].items():
+            rows.append(
+                _row(
+                    f"decode {res}",
+                    f"{d['farm_fps']} fps",
+                    f"{d['bare_pyav_fps']} fps PyAV",
+                    d["ratio"],
+                    ">= 0.9",
+                    d["ratio"] >= 0.9,
+                )
+            )
+        d = io["encode"]
+        rows.append(
+            _row(
+                f"encode {d['resolution']}",
+                f"{d['farm_fps']} fps",
+                f"{d['bare_pyav_fps']} fps PyAV",
+                d["ratio"],
+                ">= 0.9",
+                d["ratio"] >= 0.9,
+            )
+        )
+        a = io["segment_parallel_assembly_1080p"]
+        rows.append(
+            _row(
+                f"assembly 1080p, {a['segments']} segments in 2 processes + concat",
+                f"{a['parallel_fps']} fps",
+                f"{a['serial_fps']} fps one encoder",
+                a["speedup"],
+                "-",
+                True,
+            )
+        )
+    m = _load("memory")
+    if m:
+        small, big = m["runs"]
+        rows.append(
+            _row(
+                f"driver peak RSS, {big['frames']} vs {small['frames']} frames",
+                f"{big['driver_peak_mib']} MiB",
+                f"{small['driver_peak_mib']} MiB",
+                m["ratio_driver_peak"],
+                "<= 1.1",
+                m["ratio_driver_peak"] <= 1.1,
+            )
+        )
+        rows.append(
+            _row(
+                f"actor peak RSS, {big['frames']} vs {small['frames']} frames",
+                f"{max(big['actor_peak_mib'])} MiB",
+                f"{max(small['actor_peak_mib'])} MiB",
+                m["ratio_actor_peak"],
+                "<= 1.1",
+                m["ratio_actor_peak"] <= 1.1,
+            )
+        )
+    out = "\n".join(rows)
+    if machine_line:
+        out += f"\n\nMachine: {machine_line}"
+    return out
+
+
+def main() -> int:
+    args = sys.argv[1:]
+    if args == ["--table"]:
+        print(table())
+        return 0
+    unknown = [a for a in args if a != "--quick"]
+    if unknown:
+        print(f"usage: python -m bench [--quick | --table] (unknown: {' '.join(unknown)})", file=sys.stderr)
+        return 2
+    failed = []
+    for name in BENCHMARKS:
+        if not (HERE / f"{name}.py").exists():
+            continue
+        print(f"== {name}", flush=True)
+        if subprocess.run([sys.executable, "-m", f"bench.{name}", *args]).returncode:
+            failed.append(name)
+    if failed:
+        print(f"failed: {', '.join(failed)}", file=sys.stderr)
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -10,6 +10,7 @@ the same temp-then-move, as atomic as their ``mv`` is. Transient errors (connect
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import logging
 import os
@@ -19,7 +20,7 @@ import re
 import string
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
@@ -281,23 +282,28 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def _temp_then_replace(final_path: str) -> Iterator[str]:
+    """A hidden temporary beside ``final_path``: moved into place on success, removed on failure,
+    so a reader never sees a partial file under the final name."""
+    tmp = _tmp_name(final_path)
+    try:
+        yield tmp
+        os.replace(tmp, final_path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+
+
 def _local_write(path: str, fill: Callable[[Any], None]) -> None:
     """Write through ``fill(fileobj)`` to a hidden temp in the same directory, fsync, then rename."""
     directory = os.path.dirname(path) or "."
     os.makedirs(directory, exist_ok=True)
-    tmp = _tmp_name(path)
-    try:
-        with open(tmp, "wb") as f:
-            fill(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
+    with _temp_then_replace(path) as tmp, open(tmp, "wb") as f:
+        fill(f)
+        f.flush()
+        os.fsync(f.fileno())
     _fsync_dir(directory)
 
 
@@ -422,16 +428,8 @@ def get_file(url: str, local_path: str | os.PathLike[str], storage_options: dict
     os.makedirs(os.path.dirname(os.path.abspath(local_path)), exist_ok=True)
 
     def fetch() -> None:
-        tmp = _tmp_name(os.path.abspath(local_path))
-        try:
+        with _temp_then_replace(os.path.abspath(local_path)) as tmp:
             fs.get_file(path, tmp)
-            os.replace(tmp, local_path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
 
     _retry(url, fetch, storage_options, retries)
     return local_path

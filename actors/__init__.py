@@ -10,6 +10,9 @@ BUILTIN = {
     "rvm": "actors.rvm:RVM",
     "ftpvm": "actors.ftpvm:FTPVM",
     "synthetic": "actors.synthetic:SyntheticModel",
+    "gvm": "actors.gvm:GVM",
+    "void": "actors.void:VOID",
+    "videograin": "actors.videograin:VideoGrain",
 }
 
 

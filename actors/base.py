@@ -8,6 +8,7 @@ The contract, in the spirit of RVM's ``fgr, pha, *rec = model(src, *rec)``::
     model.load(weights, device="cpu", dtype="float32")   # once per actor
     cond = model.prepare(video, params)                  # once per video (e.g. FTP-VM memory)
     outputs, state = model.render(frames, cond, state)    # per shard; state=None is a cold start
+    outputs, state = model.refine(frames, previous, ...)  # pass 2, only when ``passes == 2``
 
 ``frames`` is ``uint8 [T, H, W, 3]`` RGB (numpy). ``outputs`` maps each name in ``model.outputs`` to
 ``float32 [T, H, W, C]`` in ``[0, 1]`` (C = 1 for alpha, 3 for colour). ``state`` is ``None`` or a
@@ -65,6 +66,9 @@ class VideoModel:
     # Frames per render call: per-frame and recurrent models stream in chunks (bounded memory);
     # window models that must see the whole shard at once (diffusion) set None.
     chunk_frames: ClassVar[int | None] = 16
+    # Models that read per-frame conditioning of their own (mask videos) set this: ``render`` is then
+    # called with ``span=(start, stop)``, the video frame indices of ``frames``.
+    takes_span: ClassVar[bool] = False
 
     def __init__(self, **params: Any) -> None:
         self.params = params
@@ -78,6 +82,25 @@ class VideoModel:
 
     def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
         raise NotImplementedError
+
+    # Two-pass models (VOID: inpaint, then warped-noise refine). Pass 2 of shard i runs once pass 1 of
+    # shards i-1, i and i+1 is done (a DAG, not a barrier): ``previous`` holds pass 1's outputs over the
+    # shard's frames, already blended across the overlaps. Its state runs down the chain of shards:
+    # ``state`` in covers the first ``shared_prev`` frames (shared with shard i-1), the returned state
+    # the last ``shared_next`` frames (shared with shard i+1).
+    passes: ClassVar[int] = 1
+
+    def refine(
+        self,
+        frames: np.ndarray,
+        previous: Outputs,
+        cond: Any,
+        state: State | None,
+        span: tuple[int, int],
+        shared_prev: int,
+        shared_next: int,
+    ) -> tuple[Outputs, State | None]:
+        raise NotImplementedError(f"{self.name} has one pass")
 
     def memory_bytes(self) -> int:
         """Accelerator memory the loaded model holds (0 on the CPU); checked against the job budget."""

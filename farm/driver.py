@@ -23,7 +23,7 @@ import ray
 from actors.base import ModelError, VideoContext
 from farm import storage
 from farm.assemble import blend_overlap, commit_output
-from farm.channels import components, missing_outputs
+from farm.channels import Background, BackgroundError, components, missing_outputs
 from farm.inputs import VideoInput, expand_inputs
 from farm.ledger import Ledger
 from farm.plan import PlanError, Shard, output_pieces, plan_shards
@@ -35,7 +35,7 @@ log = logging.getLogger("farm")
 WorkerActor = ray.remote(ModelWorker)
 
 # Errors about the input itself: retrying on another actor cannot help.
-INPUT_ERRORS = (ModelError, PlanError)
+INPUT_ERRORS = (ModelError, PlanError, BackgroundError)
 MAX_REPLACEMENTS = 5  # per actor slot and job
 
 
@@ -272,6 +272,7 @@ class JobRunner:
             seen_outputs[first] = v.url
 
         self.probe_all()
+        self.check_backgrounds()
         plan_doc = {}
         for run in self.videos.values():
             if run.status == "waiting":
@@ -323,6 +324,28 @@ class JobRunner:
                 self.fail_video(
                     run, f"{run.input.url}: {i.width}x{i.height} pixels, over limits.max_pixels={lim.max_pixels}"
                 )
+
+    def background_of(self, run: VideoRun) -> tuple[float, float, float] | str:
+        """What ``comp`` goes over for this video: its manifest's ``background`` column, else the spec's."""
+        return run.input.params.get("background", self.spec.output.background)
+
+    def check_backgrounds(self) -> None:
+        """A background image/video that cannot be read fails its videos now, not shard by shard."""
+        if "comp" not in self.spec.output.channels:
+            return
+        seen: dict[str, str | None] = {}
+        for run in self.videos.values():
+            bg = self.background_of(run)
+            if run.status != "waiting" or not isinstance(bg, str):
+                continue
+            if bg not in seen:
+                try:
+                    Background(bg, 1, 1, self.so).close()
+                    seen[bg] = None
+                except BackgroundError as e:
+                    seen[bg] = storage.redact(str(e), self.so)
+            if seen[bg]:
+                self.fail_video(run, f"{run.input.url}: {seen[bg]}")
 
     def load_done_records(self) -> None:
         """Resume: finished videos are skipped; finished shards of unfinished videos are not rendered again."""
@@ -414,7 +437,7 @@ class JobRunner:
                 handoff_at=handoff_at,
                 state_url=state_url,
                 chunk=self.model_cls.chunk_frames,
-                background=self.spec.output.background,
+                background=self.background_of(run),
                 storage_options=self.so,
                 tag=f".copy{attempts.get((run.key, i), 0)}" if copy else "",  # its own part names
             )
@@ -822,7 +845,10 @@ def absolute_local_paths(spec: JobSpec) -> JobSpec:
     def fix(url: str) -> str:
         return url if "://" in url else os.path.abspath(url)
 
-    output = spec.output.model_copy(update={"uri": fix(spec.output.uri)})
+    update: dict[str, Any] = {"uri": fix(spec.output.uri)}
+    if isinstance(spec.output.background, str):
+        update["background"] = fix(spec.output.background)
+    output = spec.output.model_copy(update=update)
     return spec.model_copy(update={"inputs": [fix(u) for u in spec.inputs], "output": output})
 
 

@@ -80,8 +80,23 @@ class OutputSpec(_Strict):
     )
     format: Literal["mp4", "mov", "png"] = Field("mp4", description="mp4: H.264; mov: ProRes 4444; png: sequence.")
     quality: int = Field(16, ge=0, le=51, description="x264 CRF (lower is better); ignored by mov and png.")
-    background: tuple[float, float, float] = Field((0.0, 0.0, 0.0), description="RGB in [0,1] under `comp`.")
+    background: tuple[float, float, float] | str = Field(
+        (0.0, 0.0, 0.0),
+        description="Under `comp`: RGB in [0,1], or an image or video (a clean plate) by path/URL, resized to "
+        "the frame; a manifest's `background` column sets it per video.",
+    )
     audio: bool = Field(True, description="Carry the source audio into colour outputs (fgr, comp, rgb).")
+
+    @field_validator("background")
+    @classmethod
+    def _background(cls, bg: tuple[float, float, float] | str) -> tuple[float, float, float] | str:
+        if isinstance(bg, str):
+            if not bg.strip():
+                raise ValueError("must be an RGB triple in [0, 1] or an image/video path or URL")
+            return bg
+        if not all(0.0 <= c <= 1.0 for c in bg):
+            raise ValueError(f"each of R, G, B must be in [0, 1], got {list(bg)}")
+        return bg
 
     @field_validator("uri")
     @classmethod

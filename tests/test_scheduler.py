@@ -60,6 +60,14 @@ def alpha(result) -> np.ndarray:
     return np.stack(list(read_frames(url, 0, probe(url).frame_count)))
 
 
+def assert_same_frames(got: np.ndarray, want: np.ndarray, events: list[dict]) -> None:
+    """Frame-exact equality; on failure, name the frames that differ and show the run's events."""
+    assert got.shape == want.shape
+    bad = [int(i) for i in np.flatnonzero((got != want).any(axis=(1, 2, 3)))]
+    trail = [(e["event"], e.get("actor"), e.get("shard"), e.get("attempt")) for e in events]
+    assert not bad, f"frames {bad} differ from the fault-free run; events: {trail}"
+
+
 def of(events: list[dict], kind: str, **match: Any) -> list[dict]:
     return [e for e in events if e["event"] == kind and all(e.get(k) == v for k, v in match.items())]
 
@@ -122,17 +130,26 @@ def test_job_fails_clearly_when_no_healthy_actor_remains(ray_session, clip, tmp_
 def test_hung_actor_is_killed_and_replaced(ray_session, clip, reference, tmp_path):
     """SIGSTOP freezes actor 0 mid-shard: no ping answer within heartbeat_s, so it is killed and replaced."""
     pids: dict[int, int] = {}
+    stopped: list[int] = []
 
     def on_event(runner, kind, data):
         if kind == "actor_ready":
             pids[data["actor"]] = data["pid"]
-        if kind == "shard_dispatched" and data["actor"] == 0 and 0 in pids:
-            os.kill(pids.pop(0), signal.SIGSTOP)
+        if kind == "shard_dispatched" and data["actor"] == 0 and 0 in pids and not stopped:
+            stopped.append(pids[0])
+            os.kill(pids[0], signal.SIGSTOP)
 
     j = job(clip, tmp_path, params={"sleep_per_frame": 0.01}, scheduler={"heartbeat_s": 1.0, "speculative": False})
-    result, events, _ = run(j, on_event)
+    try:
+        result, events, _ = run(j, on_event)
+    finally:
+        for pid in stopped:  # never leave a frozen process behind, whatever happened
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     (h,) = of(events, "actor_hung", actor=0)
     assert "no heartbeat" in h["reason"]
     assert of(events, "actor_replaced", actor=0)

@@ -10,6 +10,7 @@ BUILTIN = {
     "rvm": "actors.rvm:RVM",
     "ftpvm": "actors.ftpvm:FTPVM",
     "synthetic": "actors.synthetic:SyntheticModel",
+    "synthetic-2pass": "actors.synthetic:SyntheticTwoPass",
     "gvm": "actors.gvm:GVM",
     "void": "actors.void:VOID",
     "videograin": "actors.videograin:VideoGrain",

@@ -89,3 +89,26 @@ class SyntheticModel(VideoModel):
             except FileNotFoundError:
                 pass
         return {"alpha": alpha, "fgr": rgb}, {"frames": np.array([seen + len(frames)], dtype=np.int64)}
+
+
+class SyntheticTwoPass(SyntheticModel):
+    """A two-pass synthetic model for the scheduler's pass-2 DAG: pass 1 is the synthetic render; pass 2
+    keeps pass 1's ``fgr`` (stitched across shards) and writes its "noise" as ``alpha``: one value per
+    frame drawn from the shard's own start, except on the frames it shares with the previous shard, where
+    the handed-off state gives it. So a seam shows whether the state went down the chain."""
+
+    name: ClassVar[str] = "synthetic-2pass"
+    window: ClassVar[WindowSpec] = WindowSpec(frames=16, overlap=4, state="none")
+    passes: ClassVar[int] = 2
+    chunk_frames: ClassVar[int | None] = None
+
+    def refine(self, frames, previous, cond, state, span, shared_prev, shared_next):
+        t = len(frames)
+        noise = np.modf(span[0] * 0.37 + np.arange(t) * 0.11)[0].astype(np.float32)
+        if shared_prev:
+            if state is None or state["noise"].shape != (shared_prev,):
+                raise ModelError(f"synthetic-2pass: shard at {span[0]} needs the noise of {shared_prev} shared frames")
+            noise[:shared_prev] = state["noise"]
+        alpha = np.broadcast_to(noise[:, None, None, None], (*frames.shape[:3], 1)).copy()
+        out_state = {"noise": noise[t - shared_next :].copy()} if shared_next else None
+        return {"alpha": alpha, "fgr": previous["fgr"]}, out_state

@@ -26,7 +26,7 @@ from farm.assemble import blend_overlap, commit_output
 from farm.channels import Background, BackgroundError, components, missing_outputs
 from farm.inputs import VideoInput, expand_inputs
 from farm.ledger import Ledger
-from farm.plan import PlanError, Shard, output_pieces, plan_shards
+from farm.plan import PlanError, Shard, output_pieces, plan_shards, refine_shards
 from farm.sinks import OutputTarget, SinkError
 from farm.spec import FORMAT_EXT, JobSpec
 from farm.worker import ModelConfig, ModelWorker, ShardTask
@@ -99,14 +99,34 @@ def resolve_window(spec: JobSpec, model_cls: type) -> tuple[str, int, int, int]:
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Connect to ``address``, or start an embedded local Ray (dashboard on 127.0.0.1 only)."""
+    """Connect to ``address``, or start an embedded local Ray that listens on 127.0.0.1 only.
+
+    A new local Ray takes the machine's network address as its node address and binds GCS, raylet,
+    agents, metrics and workers there or on all interfaces (``ray.init(_node_ip_address="127.0.0.1")``
+    is turned back into that address). Ray's single-machine mode, the default on macOS and Windows
+    (``RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0``), makes the node address 127.0.0.1, and then every port
+    is on loopback. Setting that variable yourself (``=1``) keeps Ray's own choice.
+    """
     if ray.is_initialized():
         return
     if address:
         ray.init(address=address, logging_level=logging.WARNING)
-    else:
+        return
+    from ray._private import ray_constants
+
+    var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
+    configured = var in os.environ
+    was = ray_constants.ENABLE_RAY_CLUSTER
+    if not configured:
+        os.environ[var] = "0"  # read at import by the processes Ray starts (agents, workers)
+        ray_constants.ENABLE_RAY_CLUSTER = False  # this process imported Ray already; read when init picks the IP
+    try:
         # address="local": a new Ray of our own, never one that another process on this machine started
         ray.init(address="local", num_cpus=num_cpus, dashboard_host="127.0.0.1", logging_level=logging.WARNING)
+    finally:
+        if not configured:  # a later init in this process (another cluster) picks its address as usual
+            ray_constants.ENABLE_RAY_CLUSTER = was
+            os.environ.pop(var, None)
 
 
 def output_url(spec: JobSpec, video: VideoInput, channel: str) -> str:
@@ -155,6 +175,8 @@ class JobRunner:
 
     def plan(self, run: VideoRun) -> None:
         run.shards = plan_shards(run.key, run.info.frame_count, self.frames, self.overlap, self.preroll)
+        if self.model_cls.passes == 2:  # pass 2 (stage 1) shards follow at positions n..2n-1
+            run.shards += refine_shards(run.shards)
         for ch in self.spec.output.channels:
             url = output_url(self.spec, run.input, ch)
             colour = ch in ("fgr", "comp", "rgb", "rgba")
@@ -382,9 +404,16 @@ class JobRunner:
         if run.status != "running" or not run.cond_ready:
             return []
         out = []
-        for s in run.shards:
-            i = s.index
+        n = len(run.shards) // self.model_cls.passes  # shards per pass
+        for i, s in enumerate(run.shards):
             if i in run.records or (run.key, i) in in_flight:
+                continue
+            if s.stage == 1:
+                # A DAG, not a barrier: refine-k needs pass 1 of k-1, k, k+1 and refine-(k-1)'s state.
+                pass1 = range(max(s.index - 1, 0), min(s.index + 2, n))
+                if any(k not in run.records for k in pass1) or (s.index > 0 and i - 1 not in run.records):
+                    continue
+                out.append(i)
                 continue
             if self.mode == "handoff" and i > 0 and i - 1 not in run.records:
                 continue
@@ -424,9 +453,18 @@ class JobRunner:
             s = run.shards[i]
             handoff_at = run.shards[i + 1].start if self.mode == "handoff" and i + 1 < len(run.shards) else None
             state_ref, state_url = None, None
-            if self.mode == "handoff" and i > 0:
+            chained = self.mode == "handoff" or s.stage == 1  # pass 2 hands its noise down the chain
+            if chained and s.index > 0:
                 state_ref = run.state_refs.get(i - 1)
                 state_url = run.records[i - 1].get("state_url") if state_ref is None else None
+            previous = []
+            if s.stage == 1:
+                handoff_at = None  # refine returns the state for the next shard itself
+                n = len(run.shards) // 2
+                previous = [
+                    {"start": run.shards[k].start, "stop": run.shards[k].stop, "url": run.records[k]["previous"]}
+                    for k in range(max(s.index - 1, 0), min(s.index + 2, n))
+                ]
             task = ShardTask(
                 job_id=self.spec.job_id,
                 video_key=run.key,
@@ -440,6 +478,9 @@ class JobRunner:
                 background=self.background_of(run),
                 storage_options=self.so,
                 tag=f".copy{attempts.get((run.key, i), 0)}" if copy else "",  # its own part names
+                passes=self.model_cls.passes,
+                previous=previous,
+                blend=self.spec.window.blend,
             )
             rec_ref, st_ref = (
                 self.actors[slot]
@@ -604,15 +645,18 @@ class JobRunner:
 
         def after_shard_done(run: VideoRun, i: int) -> None:
             # Blend every overlap whose two shards are done, then commit once all pieces are in.
+            last = run.shards[-1].stage  # only the last pass makes outputs
             for ch, target in run.targets.items():
                 for j in (i - 1, i):
                     if j < 0 or j + 1 >= len(run.shards) or (ch, j) in run.blends_sent:
+                        continue
+                    if not run.shards[j].stage == run.shards[j + 1].stage == last:
                         continue
                     if j in run.records and j + 1 in run.records and run.shards[j].stop > run.shards[j].core_stop:
                         a, b = run.records[j]["channels"][ch], run.records[j + 1]["channels"][ch]
                         ref = blend_task.options(name=f"{self.spec.job_id}/{run.key}/blend-{j}-{ch}").remote(
                             target,
-                            f"blend-{j:04d}",
+                            f"blend-{run.shards[j].index:04d}",
                             run.shards[j].core_stop,
                             a["tail"],
                             b["head"],
@@ -625,7 +669,7 @@ class JobRunner:
         def maybe_commit(run: VideoRun) -> None:
             if len(run.records) < len(run.shards) or run.status != "running":
                 return
-            expected = len(output_pieces(run.shards))
+            expected = len(output_pieces([s for s in run.shards if s.stage == run.shards[-1].stage]))
             for ch, target in run.targets.items():
                 if len(run.pieces[ch]) == expected and ch not in run.outputs and (ch, "commit") not in run.blends_sent:
                     run.blends_sent.add((ch, "commit"))
@@ -718,7 +762,8 @@ class JobRunner:
                     run.state_refs[i] = st_ref
                     self.ledger.mark_shard_done(run.key, i, {**record, "input": run.fingerprint})
                     for ch in run.targets:
-                        run.pieces[ch].append(record["channels"][ch]["core"])
+                        if ch in record["channels"]:  # pass 1 of a two-pass model makes no output pieces
+                            run.pieces[ch].append(record["channels"][ch]["core"])
                     self.event(
                         "shard_done",
                         video=run.key,

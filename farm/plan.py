@@ -9,7 +9,7 @@ runs ``preroll`` frames before ``start`` (clamped at frame 0) and discards them,
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 
 class PlanError(ValueError):
@@ -25,6 +25,7 @@ class Shard:
     core_start: int
     core_stop: int
     preroll: int = 0  # frames actually run before `start` (already clamped at 0)
+    stage: int = 0  # two-pass models: 0 renders (pass 1), 1 refines pass 1's output (pass 2)
 
     @property
     def frames(self) -> int:
@@ -42,7 +43,7 @@ class Shard:
 
     @property
     def name(self) -> str:
-        return f"shard-{self.index:04d}"
+        return f"{'refine' if self.stage else 'shard'}-{self.index:04d}"
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -109,3 +110,8 @@ def output_pieces(shards: list[Shard]) -> list[tuple[str, int, int, int]]:
         if s.index + 1 < len(shards) and s.stop > s.core_stop:
             pieces.append(("blend", s.index, s.core_stop, s.stop))
     return pieces
+
+
+def refine_shards(shards: list[Shard]) -> list[Shard]:
+    """Pass 2 of a two-pass model: the same windows again, as stage 1 (``refine-i`` after ``shard-i``)."""
+    return [replace(s, stage=1, preroll=0) for s in shards]

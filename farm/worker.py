@@ -52,6 +52,9 @@ class ShardTask:
     background: tuple[float, float, float] | str = (0.0, 0.0, 0.0)  # colour, or an image/video URL for comp
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     tag: str = ""  # suffix of this attempt's part names: a speculative copy never overwrites the original's
+    passes: int = 1  # the model's passes: with 2, stage-0 shards keep their whole output for stage 1
+    previous: list[dict[str, Any]] = field(default_factory=list)  # stage 1: pass-1 {start, stop, url} of i-1, i, i+1
+    blend: str = "linear"  # ramp for blending pass-1 overlaps before stage 1 sees them
 
     @property
     def name(self) -> str:
@@ -163,7 +166,10 @@ class ModelWorker:
 
         run_start = s.start - s.preroll
         frames = read_frames(task.url, run_start, s.stop, storage_options=task.storage_options)
-        sinks = {ch: make_sink(t) for ch, t in task.targets.items()}
+        keep_whole = task.passes == 2 and s.stage == 0  # pass 1: the whole window goes to pass 2, not to outputs
+        sinks = {} if keep_whole else {ch: make_sink(t) for ch, t in task.targets.items()}
+        whole: dict[str, list[np.ndarray]] = {}
+        previous = load_previous(task) if s.stage == 1 else None
         background = None
         if "comp" in sinks:
             t = task.targets["comp"]
@@ -183,7 +189,14 @@ class ModelWorker:
                 raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
             self.call_started = time.monotonic()
             try:
-                outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
+                if previous is not None:  # pass 2 of a shard: one call over the whole window
+                    prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
+                    shared = (s.core_start - s.start, s.stop - s.core_stop)
+                    outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
+                    if b == s.stop and state is not None and s.stop > s.core_stop:
+                        handoff_state = state  # the noise of the frames the next shard shares
+                else:
+                    outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
             finally:
                 self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
                 self.call_started = None
@@ -193,6 +206,9 @@ class ModelWorker:
                 handoff_state = state
             if b <= s.start:
                 continue  # preroll: warms the state, output discarded
+            if keep_whole:
+                for k, v in outputs.items():
+                    whole.setdefault(k, []).append(to_uint8(v[max(a, s.start) - a :]))
             for ch in sinks:
                 out = channel_frames(outputs, ch, background, start=a)  # [t, H, W, C] float32
                 for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
@@ -220,6 +236,9 @@ class ModelWorker:
                     url = storage.join(task.targets[ch].parts_url, f"{s.name}{task.tag}.{side}.npz")
                     entry[side] = save_npz(url, {"frames": np.concatenate(parts)}, task.storage_options)
             record["channels"][ch] = entry
+        if keep_whole:
+            url = storage.join(task.ledger_root, "pass1", task.video_key, f"{s.name}{task.tag}.npz")
+            record["previous"] = save_npz(url, {k: np.concatenate(v) for k, v in whole.items()}, task.storage_options)
         if handoff_state is not None:
             url = storage.join(task.ledger_root, "state", task.video_key, f"{s.name}.npz")
             record["state_url"] = save_npz(url, handoff_state, task.storage_options)
@@ -228,6 +247,33 @@ class ModelWorker:
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}
         return record, handoff_state
+
+
+PASS2_SUPPORTED = True  # the driver runs two-pass models (stage-1 shards after their pass-1 neighbours)
+
+
+def load_previous(task: ShardTask) -> dict[str, np.ndarray]:
+    """Pass 1's outputs over this shard's frames, ``float32 [T, H, W, C]``, its overlaps blended with the
+    neighbours' exactly as the stitcher blends final outputs, so pass 2 sees what a one-pass render shows."""
+    from farm.stitch import blend
+
+    s = task.shard
+    parts = [(p["start"], p["stop"], load_npz(p["url"], task.storage_options)) for p in task.previous]
+    own = next(arrays for start, stop, arrays in parts if (start, stop) == (s.start, s.stop))
+    out: dict[str, np.ndarray] = {}
+    for k, v in own.items():
+        frames = v.astype(np.float32) / 255.0
+        for start, stop, arrays in parts:
+            if stop == s.core_start and start < s.start < s.core_start:  # the previous shard: its tail is our head
+                n = s.core_start - s.start
+                tail = arrays[k][s.start - start :].astype(np.float32) / 255.0
+                frames[:n] = blend(tail, frames[:n], task.blend)  # type: ignore[arg-type]
+            elif start == s.core_stop < s.stop < stop:  # the next shard: our tail is its head
+                n = s.stop - s.core_stop
+                head = arrays[k][:n].astype(np.float32) / 255.0
+                frames[-n:] = blend(frames[-n:], head, task.blend)  # type: ignore[arg-type]
+        out[k] = frames
+    return out
 
 
 def _is_oom(e: BaseException) -> bool:

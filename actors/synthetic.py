@@ -29,7 +29,8 @@ class SyntheticModel(VideoModel):
     ``fail_marker`` (a path: every call raises while that file exists, a transient fault);
     ``drop_frame_marker`` (a path: the next call returns one frame too few and removes the file, a
     lost frame that segment verification must catch); ``memory_bytes`` (what ``memory_bytes()`` reports,
-    to test the per-actor memory budget).
+    to test the per-actor memory budget); ``fail_on_env`` (an environment variable: every call raises on
+    processes that have it, e.g. every actor of one node of a test cluster).
     The state is a running frame count, so a handoff chain can be checked."""
 
     name: ClassVar[str] = "synthetic"
@@ -47,6 +48,7 @@ class SyntheticModel(VideoModel):
         fail_marker: str | None = None,
         drop_frame_marker: str | None = None,
         memory_bytes: int = 0,
+        fail_on_env: str | None = None,
     ) -> None:
         super().__init__(sleep_per_frame=sleep_per_frame, fail_on_actor=fail_on_actor, slow_actor=slow_actor)
         self.sleep_per_frame = float(sleep_per_frame)
@@ -54,6 +56,7 @@ class SyntheticModel(VideoModel):
         self.oom_above, self.bad_input = oom_above, bad_input
         self.fail_marker = fail_marker  # a file: while it exists, every render raises (a transient fault)
         self.drop_frame_marker, self.held_bytes = drop_frame_marker, int(memory_bytes)
+        self.fail_on_env = fail_on_env  # an environment variable set only on a "bad" node's processes
 
     def memory_bytes(self) -> int:
         return self.held_bytes
@@ -68,6 +71,8 @@ class SyntheticModel(VideoModel):
             raise ModelError("synthetic: this input is refused (bad_input=true)")
         if self.fail_on_actor is not None and self.slot() == self.fail_on_actor:
             raise InjectedFault(f"synthetic: actor {self.fail_on_actor} always fails")
+        if self.fail_on_env and os.environ.get(self.fail_on_env):
+            raise InjectedFault(f"synthetic: {self.fail_on_env} is set on this node")
         if self.fail_marker and os.path.exists(self.fail_marker):
             raise InjectedFault(f"synthetic: fault marker {self.fail_marker} present")
         if self.oom_above is not None and len(frames) > self.oom_above:

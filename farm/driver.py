@@ -167,6 +167,9 @@ class JobRunner:
         self.videos: dict[str, VideoRun] = {}
         self.actors: list[Any] = []
         self.actor_failures: dict[int, int] = {}
+        self.actor_nodes: dict[int, str] = {}  # slot -> Ray node id its current actor runs on
+        self.node_failures: dict[str, list[tuple[int, int]]] = {}  # node -> (slot, generation) per failure
+        self.blocked_nodes: set[str] = set()  # nodes whose actors failed blocklist_after shards of this job
         self.failed_shards = 0
         self.events: list[dict] = []
         self.retired: dict[int, str] = {}  # actor slot -> why it gets no more shards of this job
@@ -209,6 +212,9 @@ class JobRunner:
             max_restarts=0,  # the driver replaces dead actors itself, and knows which shard they held
             runtime_env={"env_vars": {"FARM_ACTOR_SLOT": str(slot)}},
         )
+        if self.blocked_nodes:  # replacements keep off blocklisted nodes
+            options["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(self.blocked_nodes))})"}
+        self.actor_nodes.pop(slot, None)
         try:
             return WorkerActor.options(name=name, **options).remote(config, self.so)
         except ValueError:  # a name still held by an actor of an earlier run in this Ray session
@@ -216,19 +222,19 @@ class JobRunner:
             return WorkerActor.options(name=name, **options).remote(config, self.so)
 
     def start_actors(self) -> None:
+        """Start the pool and return as soon as one actor has loaded its model: the others join the
+        schedule as they come up (``self.loading``), so a big pool's start-up overlaps rendering."""
         n = self.spec.resources.actors
         self.actors = [self._start_actor(k) for k in range(n)]
         self.generation = [0] * n
-        errors = []
-        for k, a in enumerate(self.actors):
-            try:
-                info = ray.get(a.info.remote())
-                self.event("actor_ready", actor=k, **info)
-            except ray.exceptions.RayError as e:
-                errors.append(_one_line(e, self.so))
-                self.actors[k] = None
-                self.retired[k] = f"did not load: {errors[-1]}"
-                self.event("actor_refused", actor=k, error=errors[-1])
+        self.loading = {a.info.remote(): k for k, a in enumerate(self.actors)}  # info ref -> slot
+        self.ready: set[int] = set()
+        errors: list[str] = []
+        while self.loading and not self.ready:
+            done, _ = ray.wait(list(self.loading), num_returns=1)
+            error = self.actor_loaded(self.loading.pop(done[0]), done[0])
+            if error:
+                errors.append(error)
         if all(a is None for a in self.actors):
             budget = self.spec.resources.gpu_memory_gb
             if budget is not None and any("resources.gpu_memory_gb" in e for e in errors):
@@ -237,6 +243,22 @@ class JobRunner:
                     f"budget of {budget} GiB on any of {n} actors: {errors[0]}"
                 )
             raise JobError(f"model {self.spec.model.name!r} did not load on any actor: {errors[0]}")
+
+    def actor_loaded(self, slot: int, info_ref: Any) -> str | None:
+        """An actor's ``info()`` came back: it is ready, or it refused to start (returns why)."""
+        try:
+            info = ray.get(info_ref)
+        except ray.exceptions.RayError as e:
+            error = _one_line(e, self.so)
+            self.actors[slot] = None
+            self.retired[slot] = f"did not load: {error}"
+            self.event("actor_refused", actor=slot, error=error)
+            return error
+        self.ready.add(slot)
+        if info.get("node"):
+            self.actor_nodes[slot] = info["node"]
+        self.event("actor_ready", actor=slot, **info)
+        return None
 
     def replace_actor(self, slot: int) -> None:
         if slot in self.retired:  # blocklisted or retired: its death needs no replacement
@@ -250,6 +272,35 @@ class JobRunner:
             return
         self.actors[slot] = self._start_actor(slot, self.generation[slot])
         self.event("actor_replaced", actor=slot, generation=self.generation[slot])
+
+    def charge_failure(self, slot: int) -> None:
+        """A shard failed (or hung) on this actor: count it against the actor and against its node."""
+        self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+        node = self.actor_nodes.get(slot)
+        if node:
+            self.node_failures.setdefault(node, []).append((slot, self.generation[slot]))
+
+    def blocklist_node(self, slot: int) -> list[int]:
+        """Blocklist the node of ``slot`` once its actors failed ``blocklist_after`` shards, from more than
+        one actor (one bad actor is the actor blocklist's business), while another node is alive: its
+        actors are killed and replaced on other nodes. Returns the killed slots (the caller replaces the
+        idle ones; busy ones come back as deaths and are replaced then)."""
+        node = self.actor_nodes.get(slot)
+        failures = self.node_failures.get(node or "", [])
+        if not node or node in self.blocked_nodes or len(failures) < self.spec.scheduler.blocklist_after:
+            return []
+        if len(set(failures)) < 2:
+            return []
+        if not {n["NodeID"] for n in ray.nodes() if n.get("Alive")} - self.blocked_nodes - {node}:
+            return []  # the only node left: blocking it would stop the job, not route around a bad node
+        self.blocked_nodes.add(node)
+        self.event("node_blocklisted", node=node, failures=len(failures), actors=len(set(failures)))
+        killed = []
+        for k, n in list(self.actor_nodes.items()):
+            if n == node and self.actors[k] is not None:
+                ray.kill(self.actors[k])
+                killed.append(k)
+        return killed
 
     # ---- bookkeeping ------------------------------------------------------------------------
 
@@ -393,7 +444,8 @@ class JobRunner:
             }
             for rec in run.records.values():
                 for ch in self.spec.output.channels:
-                    run.pieces[ch].append(rec["channels"][ch]["core"])
+                    if ch in rec["channels"]:  # pass-1 records of a two-pass model have none
+                        run.pieces[ch].append(rec["channels"][ch]["core"])
             if run.records:
                 self.event("resumed", video=run.key, shards_done=sorted(run.records))
 
@@ -445,6 +497,9 @@ class JobRunner:
         heart: dict[int, dict[str, Any]] = {}  # slot -> {actor, ref, sent, alive}
         max_call_s = 0.0  # longest single render call any actor reported
         killed: list[Any] = []  # handles of actors killed as hung (kept, so they are compared by identity)
+        for ref, slot in self.loading.items():  # actors still loading their model: busy until info() returns
+            in_flight[ref], busy[slot] = ("loading", slot), ref
+        self.loading = {}
 
         def idle_slots() -> list[int]:
             return [k for k, a in enumerate(self.actors) if a is not None and k not in busy]
@@ -529,7 +584,7 @@ class JobRunner:
             in_flight[ref] = ("abandoned", (slot, st_ref))
             self.event("shard_cancelled", video=run.key, shard=i, actor=slot, reason="another copy finished first")
 
-        def blocklist(slot: int) -> None:
+        def blocklist_actor(slot: int) -> None:
             n = self.actor_failures.get(slot, 0)
             if n < sch.blocklist_after or slot in self.retired:
                 return
@@ -538,6 +593,14 @@ class JobRunner:
             if actor is not None:
                 ray.kill(actor)  # its in-flight work (if any) comes back as a death and is re-dispatched
             self.event("actor_blocklisted", actor=slot, failures=n)
+
+        def blocklist(slot: int) -> None:
+            blocklist_actor(slot)
+            for k in self.blocklist_node(slot):
+                killed.append(self.actors[k])  # its death is on its way back: do not ping it
+                heart.pop(k, None)
+                if k not in busy:  # idle: no shard will report its death, so replace it here
+                    self.replace_actor(k)
 
         def hung(slot: int, reason: str) -> None:
             """Kill a hung actor; its shard comes back as an actor death and goes to another actor."""
@@ -549,7 +612,7 @@ class JobRunner:
                 avoid.setdefault((run.key, i), set()).add(slot)
                 data = {"video": run.key, "shard": i}
             self.event("actor_hung", actor=slot, reason=reason, **data)
-            self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+            self.charge_failure(slot)
             actor = self.actors[slot]
             heart.pop(slot, None)
             if actor is not None:
@@ -571,7 +634,7 @@ class JobRunner:
                     continue
                 h = heart.get(slot)
                 if h is None or h["actor"] is not actor:  # a replacement is not alive until it answers once
-                    alive = self.generation[slot] == 0  # the first actors answered info() in start_actors
+                    alive = self.generation[slot] == 0 and slot in self.ready  # answered info(): loaded
                     h = heart[slot] = {"actor": actor, "ref": None, "sent": 0.0, "alive": alive}
                 if h["ref"] is None:
                     if now - h["sent"] >= min(1.0, sch.heartbeat_s / 4):
@@ -591,6 +654,8 @@ class JobRunner:
                         self.replace_actor(slot)
                     continue
                 h["alive"] = True
+                if beat.get("node"):
+                    self.actor_nodes[slot] = beat["node"]
                 max_call_s = max(max_call_s, beat["max_call_s"])
                 limit = max(sch.stall_s, 4 * max_call_s)
                 if slot in busy and beat["call_s"] > limit:
@@ -703,7 +768,12 @@ class JobRunner:
             done, _ = ray.wait(list(in_flight), num_returns=1, timeout=1.0)
             for ref in done:
                 kind, payload = in_flight.pop(ref)
-                if kind == "prepare":
+                if kind == "loading":
+                    if busy.get(payload) == ref:
+                        busy.pop(payload)
+                    if self.actor_loaded(payload, ref) and payload in heart:
+                        heart.pop(payload)
+                elif kind == "prepare":
                     run, slot = payload
                     busy.pop(slot, None)
                     try:
@@ -743,7 +813,7 @@ class JobRunner:
                             if _actor_died(e):
                                 self.replace_actor(slot)
                             else:
-                                self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+                                self.charge_failure(slot)
                                 avoid.setdefault(key, set()).add(slot)
                             self.event("shard_failed", video=run.key, shard=i, actor=slot, copy=True,
                                        error=_one_line(e, self.so))
@@ -802,7 +872,7 @@ class JobRunner:
         if _actor_died(e):
             self.replace_actor(slot)
         else:
-            self.actor_failures[slot] = self.actor_failures.get(slot, 0) + 1
+            self.charge_failure(slot)
             avoid.setdefault(key, set()).add(slot)
         self.event("shard_failed", video=run.key, shard=i, actor=slot, attempt=attempts[key], error=msg)
         if _input_error(e) or attempts[key] > retries:

@@ -116,16 +116,20 @@ class ModelWorker:
                 f"budget resources.gpu_memory_gb={budget}"
             )
 
-    def info(self) -> dict[str, Any]:
+    @property
+    def node(self) -> str | None:
+        """The Ray node this actor runs on (node blocklists count failures per node)."""
         import ray
 
-        node = ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
-        return {"host": socket.gethostname(), "pid": os.getpid(), "node": node, "load_seconds": self.load_seconds}
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+
+    def info(self) -> dict[str, Any]:
+        return {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node, "load_seconds": self.load_seconds}
 
     def ping(self) -> dict[str, Any]:
         """Liveness and progress, answered on a second thread (the actor runs max_concurrency=2)."""
         call_s = time.monotonic() - self.call_started if self.call_started is not None else 0.0
-        return {"progress": self.progress, "call_s": call_s, "max_call_s": self.max_call_s}
+        return {"progress": self.progress, "call_s": call_s, "max_call_s": self.max_call_s, "node": self.node}
 
     def abort(self, name: str) -> None:
         """Stop the shard attempt ``name`` (task name + tag) at its next chunk, before it uploads anything."""
@@ -245,7 +249,7 @@ class ModelWorker:
         if splits:
             record["oom_splits"] = splits
         record["seconds"] = time.perf_counter() - t0
-        record["worker"] = {"host": socket.gethostname(), "pid": os.getpid()}
+        record["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}
         return record, handoff_state
 
 

@@ -771,8 +771,8 @@ class JobRunner:
                 if kind == "loading":
                     if busy.get(payload) == ref:
                         busy.pop(payload)
-                    if self.actor_loaded(payload, ref) and payload in heart:
-                        heart.pop(payload)
+                    self.actor_loaded(payload, ref)
+                    heart.pop(payload, None)  # pinged while loading: start its heartbeat afresh, now alive
                 elif kind == "prepare":
                     run, slot = payload
                     busy.pop(slot, None)

@@ -250,12 +250,33 @@ def s3_bucket(s3: WeedS3) -> str:
     return s3.make_bucket()
 
 
+def _start_session_ray() -> None:
+    import ray
+
+    ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the session, with 4 logical CPUs so a pool of 4 actors fits on 2 cores."""
     import ray
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+        _start_session_ray()
     yield
     ray.shutdown()
+
+
+@pytest.fixture(scope="module")
+def own_ray():
+    """For a module that connects to a Ray of its own (a several-node ``ray.cluster_utils.Cluster``): a
+    process is connected to one Ray at a time, so the session's Ray is stopped for the module and started
+    again after it, for the modules that follow."""
+    import ray
+
+    had = ray.is_initialized()
+    ray.shutdown()
+    yield
+    ray.shutdown()
+    if had:
+        _start_session_ray()

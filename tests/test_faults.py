@@ -176,40 +176,72 @@ def shard_records(out: Path) -> list[Path]:
     return [p for p in out.glob(".farm/*/shards/*/*.json") if not p.name.startswith(".")]
 
 
+# The driver of the first run: run_job (what `farm submit` calls) with every event appended to a file as it
+# happens, so the test knows which shards were in flight when the process was killed.
+DRIVER = """
+import json, os, sys
+import yaml
+from farm.driver import run_job
+from farm.spec import parse_spec
+log = open(sys.argv[2], "a")
+def progress(kind, data):
+    log.write(json.dumps({**data, "kind": kind}, default=str) + "\\n")
+    log.flush()
+path = sys.argv[1]
+run_job(parse_spec(open(path).read(), path), progress=progress)
+"""
+
+
 @pytest.mark.slow
 def test_killed_driver_resumes_without_redoing_finished_shards(clips, reference, tmp_path) -> None:
-    """``farm submit`` SIGKILLed mid-job, then submitted again: it finishes, the output equals the
-    fault-free run, and shards rendered twice are at most the shards that were in flight (one per actor)."""
+    """The driver process is SIGKILLed mid-job, then ``farm resume`` finishes it: the output equals the
+    fault-free run, no finished shard is rendered again, and the shards rendered twice are exactly those
+    that were in flight at the kill (at most one per actor). Finished shards come from the ledger's
+    records, what the resumed run rendered from the ledger's events.json."""
     actors = 2
     out = tmp_path / "out"
     j = job(clips, str(out / "{stem}_{channel}"), params={"sleep_per_frame": 0.05}, frames=8, actors=actors)
     path = tmp_path / "job.yaml"
     path.write_text(yaml.safe_dump(j))
-    cmd = [sys.executable, "-m", "farm.cli", "submit", "--quiet", str(path)]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, start_new_session=True, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT)
+    trace = tmp_path / "first-run-events.jsonl"
+    proc = subprocess.Popen([sys.executable, "-c", DRIVER, str(path), str(trace)], cwd=tmp_path,
+                            start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
         if len(shard_records(out)) >= 3:
             break
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGKILL)
+    os.killpg(proc.pid, signal.SIGKILL)  # the driver and the Ray it started, actors and all
     proc.wait(timeout=60)
     killed_at = time.time()
     done_before = {p: p.stat().st_mtime for p in shard_records(out)}
     total = 5 + 3  # shards of 8 frames: 40 -> 5, 24 -> 3
     assert 3 <= len(done_before) < total, "the job was not killed mid-way"
 
-    again = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    def key(record: Path) -> tuple[str, int]:
+        shard = json.loads(record.read_text())["shard"]
+        return shard["video"], shard["index"]
+
+    finished = {key(p) for p in done_before}
+    first = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
+    started = {(e["video"], e["shard"]) for e in first if e["kind"] in ("shard_dispatched", "shard_speculated")}
+    in_flight = started - finished  # dispatched by the killed driver and never recorded as done
+    assert finished <= started and 1 <= len(in_flight) <= actors, (finished, started)
+
+    again = subprocess.run([sys.executable, "-m", "farm.cli", "resume", "--quiet", str(path)], cwd=tmp_path,
+                           capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stdout + again.stderr
     records = shard_records(out)
     assert len(records) == total
     redone = [p for p in records if p in done_before and p.stat().st_mtime > killed_at]
     assert not redone, redone  # finished shards were not rendered again
-    new = [p for p in records if p not in done_before]
-    assert len(new) == total - len(done_before)
-    # what was rendered twice: shards whose render was lost with the driver (its record never written)
     ledger = next(out.glob(".farm/*"))
+    resumed = json.loads((ledger / "events.json").read_text())  # the resumed run's event log, in the ledger
+    dispatched = [(e["video"], e["shard"]) for e in resumed if e["event"] == "shard_dispatched"]
+    assert sorted(dispatched) == sorted(key(p) for p in records if p not in done_before)  # each once
+    assert not finished & set(dispatched)
+    rendered_twice = started & set(dispatched)
+    assert rendered_twice == in_flight and len(rendered_twice) <= actors
     manifest = json.loads((ledger / "manifest.json").read_text())
     assert all(v["status"] == "succeeded" for v in manifest["videos"].values())
     got = {v["url"]: {ch: pngs(o["url"]) for ch, o in v["outputs"].items()} for v in manifest["videos"].values()}

@@ -219,3 +219,76 @@ def test_model_over_memory_budget_refuses_to_start(ray_session, clip, tmp_path):
         runner.run()
     saved = json.loads((Path(runner.ledger.root) / "events.json").read_text())
     assert len([e for e in saved if e["event"] == "actor_refused"]) == 2
+
+
+def sigkill_mid_render(runner: JobRunner, slot: int, pid: int, done: dict[str, Any]) -> None:
+    """SIGKILL actor ``slot``'s process once its ping says a render call is running (not before, not after)."""
+    import threading
+    import time
+
+    actor = runner.actors[slot]
+
+    def watch() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            try:
+                beat = ray.get(actor.ping.remote(), timeout=10)
+            except ray.exceptions.RayError:
+                return
+            if beat["call_s"] > 0:
+                os.kill(pid, signal.SIGKILL)
+                done["killed"] = pid
+                return
+            time.sleep(0.01)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def test_sigkilled_actor_mid_shard_is_replaced(ray_session, clip, reference, tmp_path):
+    """The process of actor 0 is SIGKILLed in the middle of its first shard's render call."""
+    pids: dict[int, int] = {}
+    killed: dict[str, Any] = {}
+
+    def on_event(runner, kind, data):
+        if kind == "actor_ready":
+            pids[data["actor"]] = data["pid"]
+        if kind == "shard_dispatched" and data["actor"] == 0 and "shard" not in killed:
+            killed.update(video=data["video"], shard=data["shard"])
+            sigkill_mid_render(runner, 0, pids[0], killed)
+
+    result, events, _ = run(job(clip, tmp_path, params={"sleep_per_frame": 0.05}), on_event)
+    assert killed.get("killed") == pids[0], "the actor was not killed mid-render"
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    assert of(events, "actor_replaced", actor=0)
+    key = {"video": killed["video"], "shard": killed["shard"]}
+    (failed,) = of(events, "shard_failed", **key)
+    assert failed["actor"] == 0 and failed["attempt"] == 1
+    assert of(events, "shard_dispatched", **key)[-1]["attempt"] == 2 and len(of(events, "shard_done", **key)) == 1
+
+
+def test_sigkilled_actor_mid_handoff_chain_resumes_from_handed_off_state(ray_session, clip, reference, tmp_path):
+    """A handoff chain (the synthetic state counts frames): the actor rendering shard 2 is SIGKILLed mid-render.
+    Shard 2 is rendered again from shard 1's handed-off state, not from a cold start: the states in the
+    ledger count every frame exactly once (8, 16, 24, ...), and the output equals the fault-free run."""
+    pids: dict[int, int] = {}
+    killed: dict[str, Any] = {}
+
+    def on_event(runner, kind, data):
+        if kind == "actor_ready":
+            pids[data["actor"]] = data["pid"]
+        if kind == "shard_dispatched" and data["shard"] == 2 and "shard" not in killed:
+            killed.update(video=data["video"], shard=2, actor=data["actor"])
+            sigkill_mid_render(runner, data["actor"], pids[data["actor"]], killed)
+
+    j = job(clip, tmp_path, params={"sleep_per_frame": 0.05}, window={"frames": 8, "state": "handoff"})
+    result, events, runner = run(j, on_event)
+    assert "killed" in killed, "the actor was not killed mid-render"
+    assert result.ok, result.manifest
+    np.testing.assert_array_equal(alpha(result), reference)
+    key = {"video": killed["video"], "shard": 2}
+    assert of(events, "shard_failed", **key) and of(events, "actor_replaced", actor=killed["actor"])
+    assert [e["attempt"] for e in of(events, "shard_dispatched", **key)] == [1, 2]
+    assert len(of(events, "shard_done", **key)) == 1
+    states = sorted(Path(runner.ledger.root).glob("state/*/*.npz"))
+    assert [int(np.load(p)["frames"][0]) for p in states] == [8, 16, 24, 32, 40]  # after shards 0..4

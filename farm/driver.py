@@ -283,8 +283,9 @@ class JobRunner:
     def blocklist_node(self, slot: int) -> list[int]:
         """Blocklist the node of ``slot`` once its actors failed ``blocklist_after`` shards, from more than
         one actor (one bad actor is the actor blocklist's business), while another node is alive: its
-        actors are killed and replaced on other nodes. Returns the killed slots (the caller replaces the
-        idle ones; busy ones come back as deaths and are replaced then)."""
+        actors are killed and replaced on other nodes, and actors the actor blocklist retired there (their
+        failures were the node's) come back. Returns the slots to move (the caller replaces the idle ones;
+        busy ones come back as deaths and are replaced then)."""
         node = self.actor_nodes.get(slot)
         failures = self.node_failures.get(node or "", [])
         if not node or node in self.blocked_nodes or len(failures) < self.spec.scheduler.blocklist_after:
@@ -295,12 +296,18 @@ class JobRunner:
             return []  # the only node left: blocking it would stop the job, not route around a bad node
         self.blocked_nodes.add(node)
         self.event("node_blocklisted", node=node, failures=len(failures), actors=len(set(failures)))
-        killed = []
+        moved = []
         for k, n in list(self.actor_nodes.items()):
-            if n == node and self.actors[k] is not None:
+            if n != node:
+                continue
+            if self.actors[k] is not None:
                 ray.kill(self.actors[k])
-                killed.append(k)
-        return killed
+                moved.append(k)
+            elif self.retired.get(k, "").startswith("blocklisted"):  # its failures were the node's: revive it
+                del self.retired[k]
+                self.actor_failures[k] = 0
+                moved.append(k)
+        return moved
 
     # ---- bookkeeping ------------------------------------------------------------------------
 
@@ -597,7 +604,8 @@ class JobRunner:
         def blocklist(slot: int) -> None:
             blocklist_actor(slot)
             for k in self.blocklist_node(slot):
-                killed.append(self.actors[k])  # its death is on its way back: do not ping it
+                if self.actors[k] is not None:
+                    killed.append(self.actors[k])  # its death is on its way back: do not ping it
                 heart.pop(k, None)
                 if k not in busy:  # idle: no shard will report its death, so replace it here
                     self.replace_actor(k)

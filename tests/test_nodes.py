@@ -122,3 +122,52 @@ def test_worker_node_lost_mid_job(cluster, clip, tmp_path):
     assert len(of(events, "shard_done", video=lost["video"], shard=lost["shard"])) == 1
     alive = {n["NodeID"] for n in ray.nodes() if n["Alive"]}
     assert lost["node"] not in alive and len(alive) == 2  # the job finished on the head + remaining worker
+
+
+def test_node_whose_actors_keep_failing_is_blocklisted(cluster, clip, tmp_path):
+    """A third node where every render fails (an environment only its processes have): after 3 failed
+    shards from its 2 actors the node is blocklisted, its actors are replaced on the healthy nodes
+    (which were full until then), and the job finishes with the fault-free output."""
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    reference, _ = run(job(clip, tmp_path / "ref"))
+    assert reference.ok, reference.manifest
+    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"})
+    cluster.wait_for_nodes()
+
+    @ray.remote(num_cpus=2)
+    class Blocker:  # fills a healthy node, so the job's first actors can only go to the bad one
+        def ready(self) -> bool:
+            return True
+
+    blockers = [
+        Blocker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n.node_id, soft=False)).remote()
+        for n in cluster.worker_nodes
+        if n is not bad
+    ]
+    ray.get([b.ready.remote() for b in blockers])
+
+    def on_event(runner, kind, data):
+        if kind == "node_blocklisted":
+            for b in blockers:  # make room for the replacements
+                ray.kill(b)
+
+    j = job(clip, tmp_path / "out", fail_on_env="FARM_TEST_BAD_NODE")
+    j["retries"] = 5
+    try:
+        result, runner = run(j, on_event)
+    finally:
+        for b in blockers:
+            ray.kill(b)
+        cluster.remove_node(bad)
+    assert result.ok, result.manifest
+    assert frames(result) == frames(reference)
+    events = runner.events
+    (blocked,) = of(events, "node_blocklisted")
+    assert blocked["node"] == bad.node_id and blocked["failures"] >= 3 and blocked["actors"] == 2
+    # Both actors were moved to healthy nodes, including one the actor blocklist may have retired first:
+    # without the node blocklist each would have been blocklisted, leaving no actor and a failed job.
+    assert {e["actor"] for e in of(events, "actor_replaced")} == {0, 1}
+    (video,) = result.manifest["videos"]
+    done = runner.ledger.done_shards(video)
+    assert done and all(rec["worker"]["node"] != bad.node_id for rec in done.values())

@@ -73,6 +73,11 @@ class VideoModel:
     def __init__(self, **params: Any) -> None:
         self.params = params
 
+    @classmethod
+    def validate_params(cls, params: dict[str, Any]) -> None:
+        """Check ``model.params`` without loading anything (``farm validate`` and spec parsing call it);
+        raise ModelError with a one-line message naming the param. Default: accept anything."""
+
     def load(self, weights: str | None, device: str = "cpu", dtype: str = "float32") -> None:
         """Load weights once per actor. Models without weights keep this no-op."""
 

@@ -46,6 +46,22 @@ class ModelSpec(_Strict):
             raise ValueError(f"unknown model {name!r} (known: {', '.join(model_names())})")
         return name
 
+    @model_validator(mode="after")
+    def _model_params(self) -> ModelSpec:
+        """The plugin's own check of its params (light: model classes import no torch)."""
+        from actors import load_model_class
+        from actors.base import ModelError
+
+        try:
+            cls = load_model_class(self.name)
+        except ImportError:  # a plugin that cannot import reports it when its actors load
+            return self
+        try:
+            cls.validate_params(dict(self.params))
+        except ModelError as e:
+            raise ValueError(f"params: {e}") from None
+        return self
+
 
 class WindowSpec(_Strict):
     frames: int | None = Field(None, ge=1, description="Frames per shard (default: the model's).")

@@ -96,7 +96,7 @@ def test_dead_actors_are_replaced_and_their_shard_redispatched(ray_session, clip
 
     result, events, runner = run(job(clip, tmp_path, params={"sleep_per_frame": 0.01}), on_event)
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     assert of(events, "actor_replaced", actor=0) and of(events, "actor_replaced", actor=1)
     video, shard = killed["mid"]
     redispatched = of(events, "shard_dispatched", video=video, shard=shard)
@@ -111,7 +111,7 @@ def test_dead_actors_are_replaced_and_their_shard_redispatched(ray_session, clip
 def test_failing_actor_is_blocklisted_and_the_job_finishes_on_the_others(ray_session, clip, reference, tmp_path):
     result, events, _ = run(job(clip, tmp_path, params={"fail_on_actor": 1}))
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     (bl,) = of(events, "actor_blocklisted", actor=1)
     assert bl["failures"] == 3 and len(of(events, "shard_failed", actor=1)) == 3
     after = events[events.index(bl) :]
@@ -162,7 +162,7 @@ def test_stalled_render_call_is_hung(ray_session, clip, reference, tmp_path):
     j = job(clip, tmp_path, params=params, scheduler={"stall_s": 1.0, "speculative": False})
     result, events, _ = run(j)
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     hung = of(events, "actor_hung", actor=0)
     assert hung and all("render call" in h["reason"] for h in hung)
 
@@ -172,7 +172,7 @@ def test_straggler_copy_wins(ray_session, clip, reference, tmp_path):
     params = {"sleep_per_frame": 0.02, "slow_actor": 0, "slow_factor": 20}
     result, events, _ = run(job(clip, tmp_path, params=params))
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     (copy,) = of(events, "shard_speculated")
     assert copy["actor"] == 1
     key = {"video": copy["video"], "shard": copy["shard"]}
@@ -196,7 +196,7 @@ def test_lost_frame_is_detected_and_retried(ray_session, clip, reference, tmp_pa
     assert result.ok, result.manifest
     (failed,) = of(events, "shard_failed")
     assert "the plan says 8" in failed["error"]
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
 
 
 def test_failure_budget_stops_scheduling(ray_session, clip, tmp_path):
@@ -259,7 +259,7 @@ def test_sigkilled_actor_mid_shard_is_replaced(ray_session, clip, reference, tmp
     result, events, _ = run(job(clip, tmp_path, params={"sleep_per_frame": 0.05}), on_event)
     assert killed.get("killed") == pids[0], "the actor was not killed mid-render"
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     assert of(events, "actor_replaced", actor=0)
     key = {"video": killed["video"], "shard": killed["shard"]}
     (failed,) = of(events, "shard_failed", **key)
@@ -285,7 +285,7 @@ def test_sigkilled_actor_mid_handoff_chain_resumes_from_handed_off_state(ray_ses
     result, events, runner = run(j, on_event)
     assert "killed" in killed, "the actor was not killed mid-render"
     assert result.ok, result.manifest
-    np.testing.assert_array_equal(alpha(result), reference)
+    assert_same_frames(alpha(result), reference, events)
     key = {"video": killed["video"], "shard": 2}
     assert of(events, "shard_failed", **key) and of(events, "actor_replaced", actor=killed["actor"])
     assert [e["attempt"] for e in of(events, "shard_dispatched", **key)] == [1, 2]

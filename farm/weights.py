@@ -243,8 +243,8 @@ def _fetch_folder_once(final: Path, ref: str, url: str, opts: dict[str, Any]) ->
             import fsspec
 
             fs, path = fsspec.core.url_to_fs(url, **opts)
-            root = path.rstrip("/")
-            files = [f for f in fs.find(root) if not f.endswith("/")]
+            root = fs._strip_protocol(path).rstrip("/")  # some backends keep "s3://" in path; find() never does
+            files = [fs._strip_protocol(f) for f in fs.find(root) if not f.endswith("/")]
             if not files:
                 raise WeightsError(f"weights not found: {_redact(ref)} (an empty or missing folder)")
             for f in files:  # one get per file: fs.get(recursive) nests folders differently per backend

@@ -74,7 +74,7 @@ JOB = textwrap.dedent(
     """
     import json, sys, time
     import ray, yaml
-    from farm.driver import ensure_ray, run_job
+    from farm.driver import JobRunner, absolute_local_paths, ensure_ray
     from farm.spec import parse_spec
 
     address, job = sys.argv[1], json.loads(sys.argv[2])
@@ -83,16 +83,21 @@ JOB = textwrap.dedent(
     def workers():
         return sorted(n["NodeID"] for n in ray.nodes() if n["Alive"] and n["Resources"].get("RESOURCE"))
 
-    before, actor_nodes, peak = workers(), [], 0
+    before, actor_nodes, peak, holder = workers(), [], 0, {}
 
     def progress(kind, data):
         global peak
         if kind == "actor_ready":
             actor_nodes.append(data["node"])
+            if "pool" not in holder:  # the driver starts on the first node up; let the whole pool be placed
+                holder["pool"] = True
+                ray.get([a.info.remote() for a in holder["runner"].actors if a is not None], timeout=300)
         if kind == "shard_done":
             peak = max(peak, len(workers()))
 
-    result = run_job(parse_spec(yaml.safe_dump(job), "autoscale.yaml"), address=address, progress=progress)
+    runner = JobRunner(absolute_local_paths(parse_spec(yaml.safe_dump(job), "autoscale.yaml")), progress=progress)
+    holder["runner"] = runner
+    result = runner.run()
     seen = {n["NodeID"]: n["Resources"].get("RESOURCE", 0) for n in ray.nodes()}  # dead nodes stay listed
     deadline = time.time() + 180  # a generous bound; the test asserts the state reached, not the time
     while workers() and time.time() < deadline:

@@ -71,8 +71,16 @@ def job(clip: str, out: Path, **params: Any) -> dict:
 
 def run(job_dict: dict, on_event=None) -> tuple[Any, JobRunner]:
     spec = absolute_local_paths(parse_spec(yaml.safe_dump(job_dict), "nodes.yaml"))
-    holder: dict[str, JobRunner] = {}
-    runner = JobRunner(spec, progress=(lambda k, d: on_event(holder["r"], k, d)) if on_event else None)
+    holder: dict[str, Any] = {}
+
+    def progress(kind: str, data: dict) -> None:
+        if kind == "actor_ready" and "pool" not in holder:  # faults go to given actors: let all load first
+            holder["pool"] = True
+            ray.get([a.info.remote() for a in holder["r"].actors if a is not None], timeout=120)
+        if on_event:
+            on_event(holder["r"], kind, data)
+
+    runner = JobRunner(spec, progress=progress)
     holder["r"] = runner
     return runner.run(), runner
 

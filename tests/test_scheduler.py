@@ -45,10 +45,24 @@ def job(clip: str, out: Path, actors: int = 2, params: dict | None = None, **top
 
 
 def run(job_dict: dict, on_event=None) -> tuple[Any, list[dict], JobRunner]:
-    """Run a job in this thread; ``on_event(runner, kind, data)`` sees every event as it happens."""
+    """Run a job in this thread; ``on_event(runner, kind, data)`` sees every event as it happens.
+
+    The driver dispatches to each actor as soon as it has loaded; these tests place faults on given
+    actors, so the first ``actor_ready`` waits (in the driver's thread) until the whole pool has loaded."""
     spec = absolute_local_paths(parse_spec(yaml.safe_dump(job_dict), "test.yaml"))
-    holder: dict[str, JobRunner] = {}
-    runner = JobRunner(spec, progress=(lambda k, d: on_event(holder["r"], k, d)) if on_event else None)
+    holder: dict[str, Any] = {}
+
+    def progress(kind: str, data: dict) -> None:
+        if kind == "actor_ready" and "pool" not in holder:
+            holder["pool"] = True
+            try:
+                ray.get([a.info.remote() for a in holder["r"].actors if a is not None], timeout=120)
+            except ray.exceptions.RayError:
+                pass  # an actor that refused to start: the driver reports it
+        if on_event:
+            on_event(holder["r"], kind, data)
+
+    runner = JobRunner(spec, progress=progress)
     holder["r"] = runner
     result = runner.run()
     return result, runner.events, runner

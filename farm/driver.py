@@ -365,7 +365,8 @@ class JobRunner:
         self.load_done_records()
 
         todo = [r for r in self.videos.values() if r.status == "waiting"]
-        self.progress("start", {"videos": {r.key: r.info.frame_count for r in todo}, "job": self.spec.job_id})
+        passes = self.model_cls.passes  # the bar counts frames rendered, once per pass
+        self.progress("start", {"videos": {r.key: r.info.frame_count * passes for r in todo}, "job": self.spec.job_id})
         if todo:
             self.start_actors()
             try:
@@ -837,7 +838,10 @@ class JobRunner:
                         continue
                     per_frame.append(record["seconds"] / max(run.shards[i].frames, 1))
                     run.records[i] = record
-                    run.state_refs[i] = st_ref
+                    s = run.shards[i]
+                    if (self.mode == "handoff" or s.stage == 1) and i + 1 < len(run.shards):
+                        run.state_refs[i] = st_ref  # the next shard of the chain takes it
+                    run.state_refs.pop(i - 1, None)  # consumed: let the object store free it
                     self.ledger.mark_shard_done(run.key, i, {**record, "input": run.fingerprint})
                     for ch in run.targets:
                         if ch in record["channels"]:  # pass 1 of a two-pass model makes no output pieces

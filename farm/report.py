@@ -112,7 +112,10 @@ def ledger_status(spec: Any) -> dict[str, Any]:
     for key, p in plan["videos"].items():
         done = ledger.done_shards(key)
         shards = p["shards"]
-        frames_done = sum(s["core_stop"] - s["core_start"] for s in shards if s["index"] in done)
+        last = shards[-1].get("stage", 0) if shards else 0  # two-pass models: frames are done after pass 2
+        frames_done = sum(
+            s["core_stop"] - s["core_start"] for i, s in enumerate(shards) if i in done and s.get("stage", 0) == last
+        )
         record = ledger.read_json(f"videos/{key}.json")
         m = (manifest or {}).get("videos", {}).get(key, {})
         if record:

@@ -210,16 +210,15 @@ class JobRunner:
             resources=dict(r.custom) or None,  # custom node resources the autoscaler scales on
             max_concurrency=2,  # one shard at a time (the driver never sends two), plus ping/abort beside it
             max_restarts=0,  # the driver replaces dead actors itself, and knows which shard they held
-            runtime_env={"env_vars": {"FARM_ACTOR_SLOT": str(slot)}},
         )
         if self.blocked_nodes:  # replacements keep off blocklisted nodes
             options["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(self.blocked_nodes))})"}
         self.actor_nodes.pop(slot, None)
         try:
-            return WorkerActor.options(name=name, **options).remote(config, self.so)
+            return WorkerActor.options(name=name, **options).remote(config, self.so, slot)
         except ValueError:  # a name still held by an actor of an earlier run in this Ray session
             name = f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-            return WorkerActor.options(name=name, **options).remote(config, self.so)
+            return WorkerActor.options(name=name, **options).remote(config, self.so, slot)
 
     def start_actors(self) -> None:
         """Start the pool and return as soon as one actor has loaded its model: the others join the

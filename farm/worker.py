@@ -88,8 +88,12 @@ def pick_device(requested: str) -> str:
 class ModelWorker:
     """Plain class (wrapped by ``ray.remote`` in the driver) so it can also be used in-process."""
 
-    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None) -> None:
+    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None, slot: int = 0) -> None:
         from actors import load_model_class
+
+        # The slot reaches the model through the environment, set here rather than in a per-actor
+        # runtime_env: actors with one runtime_env start in Ray's prestarted worker processes.
+        os.environ["FARM_ACTOR_SLOT"] = str(slot)
 
         t0 = time.perf_counter()
         self.config = config

@@ -97,6 +97,16 @@ def test_real_clip_count_and_random_ranges(path: Path) -> None:
 
 
 @needs_shared
+def test_old_x264_444_decodes_right_after_a_seek() -> None:
+    """cockatoo.mp4 is 4:4:4 from x264 core 142: a decoder that starts at its second keyframe (76) must
+    be told the build (it is in the first packet only), or every frame comes out wrong."""
+    url = str(VIDEOS / "cockatoo.mp4")
+    sequential = list(read_frames(url, 0, 80))[76:]
+    after_seek = list(read_frames(url, 76, 80))
+    assert all(np.array_equal(a, b) for a, b in zip(after_seek, sequential, strict=True))
+
+
+@needs_shared
 def test_probe_known_facts() -> None:
     info = {p.name: probe(str(p)) for p in REAL}
     assert info["realshort.mp4"].fps == Fraction(45000, 1499) and info["realshort.mp4"].frame_count == 36

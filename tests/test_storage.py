@@ -299,17 +299,17 @@ def test_s3_put_survives_server_restart(s3, tmp_path, inner: str) -> None:
     src.write_bytes(payload)
     url = storage.join(base, "parts", "seg.mp4")
     s3.stop()
-    restarted = threading.Event()
+    relaunched = threading.Event()
 
     def start() -> None:
+        relaunched.set()  # set before the launch: the put may finish before start() sees the server ready
         s3.start()
-        restarted.set()
 
     restart = threading.Timer(3.0, start)
     restart.start()
     try:
         storage.put_file_atomic(src, url, so)
-        came_back_first = restarted.is_set()  # the put could only succeed once the server was back
+        came_back_first = relaunched.is_set()  # the put could only succeed once the server was relaunched
     finally:
         restart.join(60)
         s3.start()  # no-op when the timer already restarted it

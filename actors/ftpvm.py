@@ -27,14 +27,12 @@ def _pad16(n: int) -> int:
 
 def read_trimap(url: str, storage_options: dict[str, Any] | None = None) -> np.ndarray:
     """``uint8 [H, W]`` trimap from a local path or fsspec URL (any image PIL reads; made greyscale)."""
-    import fsspec
-    from PIL import Image
+    from farm.video import VideoError, read_image
 
     try:
-        with fsspec.open(url, "rb", **(storage_options or {})) as f:
-            return np.array(Image.open(f).convert("L"), dtype=np.uint8)
-    except (OSError, ValueError) as e:
-        raise ModelError(f"ftpvm: cannot read trimap {url!r}: {e}") from e
+        return read_image(url, storage_options, mode="L")
+    except VideoError as e:
+        raise ModelError(f"ftpvm: trimap {e}") from None
 
 
 class FTPVM(VideoModel):

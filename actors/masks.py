@@ -11,8 +11,8 @@ from typing import Any
 import numpy as np
 
 from actors.base import ModelError
+from farm.video import IMAGE_SUFFIXES as IMAGE_EXTS
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".tif", ".tiff")
 VIDEO_EXTS = (".mp4", ".mov", ".mkv", ".webm", ".avi", ".m4v")
 
 
@@ -23,17 +23,12 @@ def _ext(url: str) -> str:
 
 def _read_image(url: str, storage_options: dict[str, Any] | None) -> np.ndarray:
     """``uint8 [H, W]`` luminance of one image file."""
-    import io
-
-    from PIL import Image
-
-    from farm import storage
+    from farm.video import VideoError, read_image
 
     try:
-        return np.array(Image.open(io.BytesIO(storage.read_bytes(url, storage_options))).convert("L"))
-    except Exception as e:  # missing file, not an image: one line naming the file
-        why = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise ModelError(f"mask {url!r}: cannot read image ({why})") from e
+        return read_image(url, storage_options, mode="L")
+    except VideoError as e:
+        raise ModelError(f"mask {e}") from None
 
 
 def _resize(mask: np.ndarray, size: tuple[int, int]) -> np.ndarray:

@@ -6,7 +6,7 @@ from typing import Any
 
 import numpy as np
 
-IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+from farm.video import IMAGE_SUFFIXES, VideoError, read_image
 
 # channel -> (model outputs it needs, components)
 CHANNEL_NEEDS: dict[str, tuple[tuple[str, ...], int]] = {
@@ -52,7 +52,10 @@ class Background:
         if not isinstance(source, str):
             self._colour = np.asarray(source, dtype=np.float32).reshape(1, 1, 1, 3)
         elif source.lower().endswith(IMAGE_SUFFIXES):
-            self._image = self._fit(_read_image(source, self.so))[None]
+            try:
+                self._image = self._fit(read_image(source, self.so))[None]
+            except VideoError as e:
+                raise BackgroundError(f"output.background {e}") from None
         else:
             from farm.video import probe
 
@@ -93,17 +96,6 @@ class Background:
         if self._reader is not None:
             self._reader.close()
             self._reader = None
-
-
-def _read_image(url: str, storage_options: dict[str, Any]) -> np.ndarray:
-    import fsspec
-    from PIL import Image
-
-    try:
-        with fsspec.open(url, "rb", **storage_options) as f:
-            return np.array(Image.open(f).convert("RGB"), dtype=np.uint8)
-    except Exception as e:  # noqa: BLE001 - missing, unreadable or not an image: one message
-        raise BackgroundError(f"output.background {url!r}: cannot read image ({_first_line(e)})") from None
 
 
 def _first_line(e: BaseException) -> str:

@@ -82,6 +82,21 @@ def _one_line(e: BaseException) -> str:
     return " ".join(str(e).split()) or type(e).__name__
 
 
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")
+
+
+def read_image(url: str, storage_options: dict | None = None, mode: str = "RGB") -> np.ndarray:
+    """One still image (trimap, mask, background plate) from a local path or fsspec URL, through PIL:
+    ``uint8 [H, W, 3]`` for ``mode="RGB"``, ``[H, W]`` for ``"L"``. Any failure is one VideoError line."""
+    from PIL import Image
+
+    try:
+        with fsspec.open(url, "rb", **(storage_options or {})) as f:
+            return np.array(Image.open(f).convert(mode), dtype=np.uint8)
+    except Exception as e:  # noqa: BLE001 - missing, unreadable or not an image: one message naming it
+        raise VideoError(f"{url}: cannot read image ({_one_line(e)})") from None
+
+
 def _is_local(url: str) -> bool:
     return "://" not in url or url.startswith("file://")
 
@@ -491,6 +506,12 @@ def _audio_packets(
         yield from o.encode(None)
 
 
+def _concat_signature(s: Any) -> tuple[Any, ...]:
+    """What segments must share to be joined by remux: codec, width, height, time base, extradata."""
+    c = s.codec_context
+    return c.name, c.width, c.height, s.time_base, bytes(c.extradata or b"")
+
+
 def concat_segments(
     segments: list[str], out_path: str, audio_from: str | None = None, storage_options: dict | None = None
 ) -> int:
@@ -505,13 +526,7 @@ def concat_segments(
     fmt = "mov" if out_path.lower().endswith(".mov") else "mp4"
     with _open(segments[0]) as c0:
         t = _video_stream(c0, segments[0])
-        ref = (
-            t.codec_context.name,
-            t.codec_context.width,
-            t.codec_context.height,
-            t.time_base,
-            bytes(t.codec_context.extradata or b""),
-        )
+        ref = _concat_signature(t)
         fps = _rate(t, segments[0])
         try:
             out = av.open(out_path, "w", format=fmt, options={"movflags": "faststart"})
@@ -527,13 +542,7 @@ def concat_segments(
         for seg in segments:
             with _open(seg) as c:
                 s = _video_stream(c, seg)
-                got = (
-                    s.codec_context.name,
-                    s.codec_context.width,
-                    s.codec_context.height,
-                    s.time_base,
-                    bytes(s.codec_context.extradata or b""),
-                )
+                got = _concat_signature(s)
                 if got != ref:
                     what = ["codec", "width", "height", "time base", "codec extradata"]
                     diff = [w for w, a, b in zip(what, got, ref, strict=True) if a != b]

@@ -153,7 +153,10 @@ def test_prepare_reads_trimap_and_memory_frame(
         calls.append((url, start, stop))
         yield from frames[start:stop]
 
-    monkeypatch.setitem(sys.modules, "farm.video", types.SimpleNamespace(read_frames=read_frames))
+    import farm.video as real  # the trimap still goes through the real image reader
+
+    stub = types.SimpleNamespace(read_frames=read_frames, read_image=real.read_image, VideoError=real.VideoError)
+    monkeypatch.setitem(sys.modules, "farm.video", stub)
     path = tmp_path / "trimap.png"
     Image.fromarray(ref["trimap"]).save(path)
     video = VideoContext(url="clip.mp4", frame_count=36, width=320, height=240, fps=30.0)

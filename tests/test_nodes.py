@@ -12,12 +12,11 @@ from typing import Any
 
 import pytest
 import ray
-import yaml
 from ray.cluster_utils import Cluster
+from watched import run_watched
 
-from farm.driver import JobRunner, absolute_local_paths
+from farm.driver import JobRunner
 from farm.sample import write_sample
-from farm.spec import parse_spec
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
@@ -70,19 +69,7 @@ def job(clip: str, out: Path, **params: Any) -> dict:
 
 
 def run(job_dict: dict, on_event=None) -> tuple[Any, JobRunner]:
-    spec = absolute_local_paths(parse_spec(yaml.safe_dump(job_dict), "nodes.yaml"))
-    holder: dict[str, Any] = {}
-
-    def progress(kind: str, data: dict) -> None:
-        if kind == "actor_ready" and "pool" not in holder:  # faults go to given actors: let all load first
-            holder["pool"] = True
-            ray.get([a.info.remote() for a in holder["r"].actors if a is not None], timeout=120)
-        if on_event:
-            on_event(holder["r"], kind, data)
-
-    runner = JobRunner(spec, progress=progress)
-    holder["r"] = runner
-    return runner.run(), runner
+    return run_watched(job_dict, on_event, "nodes.yaml")
 
 
 def frames(result) -> list[bytes]:

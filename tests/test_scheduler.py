@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import ray
 import yaml
+from watched import run_watched
 
 from farm.driver import JobError, JobRunner, absolute_local_paths
 from farm.sample import write_sample
@@ -45,26 +46,8 @@ def job(clip: str, out: Path, actors: int = 2, params: dict | None = None, **top
 
 
 def run(job_dict: dict, on_event=None) -> tuple[Any, list[dict], JobRunner]:
-    """Run a job in this thread; ``on_event(runner, kind, data)`` sees every event as it happens.
-
-    The driver dispatches to each actor as soon as it has loaded; these tests place faults on given
-    actors, so the first ``actor_ready`` waits (in the driver's thread) until the whole pool has loaded."""
-    spec = absolute_local_paths(parse_spec(yaml.safe_dump(job_dict), "test.yaml"))
-    holder: dict[str, Any] = {}
-
-    def progress(kind: str, data: dict) -> None:
-        if kind == "actor_ready" and "pool" not in holder:
-            holder["pool"] = True
-            try:
-                ray.get([a.info.remote() for a in holder["r"].actors if a is not None], timeout=120)
-            except ray.exceptions.RayError:
-                pass  # an actor that refused to start: the driver reports it
-        if on_event:
-            on_event(holder["r"], kind, data)
-
-    runner = JobRunner(spec, progress=progress)
-    holder["r"] = runner
-    result = runner.run()
+    """Run a job in this thread, the whole pool loaded before faults hit given actors (``run_watched``)."""
+    result, runner = run_watched(job_dict, on_event)
     return result, runner.events, runner
 
 

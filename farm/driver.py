@@ -28,7 +28,7 @@ from farm.inputs import VideoInput, expand_inputs
 from farm.ledger import Ledger
 from farm.plan import PlanError, Shard, output_pieces, plan_shards, refine_shards
 from farm.sinks import OutputTarget, SinkError
-from farm.spec import FORMAT_EXT, JobSpec
+from farm.spec import FORMAT_EXT, JobSpec, absolute_local_paths
 from farm.worker import ModelConfig, ModelWorker, ShardTask
 
 log = logging.getLogger("farm")
@@ -173,6 +173,7 @@ class JobRunner:
         self.failed_shards = 0
         self.events: list[dict] = []
         self.retired: dict[int, str] = {}  # actor slot -> why it gets no more shards of this job
+        self.aborts: dict[Any, dict[str, Any]] = {}  # abort-call ref -> the cancelled copy it stops
 
     # ---- planning ---------------------------------------------------------------------------
 
@@ -371,6 +372,7 @@ class JobRunner:
             try:
                 self.schedule(todo)
             finally:
+                self.wait_for_aborts()
                 for a in self.actors:
                     if a is not None:
                         ray.kill(a)
@@ -378,6 +380,22 @@ class JobRunner:
         url = self.ledger.write_manifest(manifest)
         self.progress("finish", manifest)
         return JobResult(self.spec.job_id, manifest, url)
+
+    def wait_for_aborts(self) -> None:
+        """Before the actors are killed: every cancelled copy has acknowledged its abort, so none is
+        killed halfway through writing a frame (png frames go straight to their final keys). A copy
+        that does not answer within the heartbeat is hung, and killed like any hung actor."""
+        if not self.aborts:
+            return
+        timeout = self.spec.scheduler.heartbeat_s or 30.0
+        done, _ = ray.wait(list(self.aborts), num_returns=len(self.aborts), timeout=timeout)
+        for ref in done:
+            try:
+                ray.get(ref)
+            except ray.exceptions.RayError:
+                continue  # its actor died: nothing of it is writing any more
+            self.event("copy_stopped", **self.aborts[ref])
+        self.aborts.clear()
 
     def probe_all(self) -> None:
         from farm.video import probe
@@ -587,7 +605,7 @@ class JobRunner:
             run, i, slot, st_ref, name = in_flight[ref][1]
             ray.cancel(ref)
             if self.actors[slot] is not None:
-                self.actors[slot].abort.remote(name)
+                self.aborts[self.actors[slot].abort.remote(name)] = {"video": run.key, "shard": i, "actor": slot}
             in_flight[ref] = ("abandoned", (slot, st_ref))
             self.event("shard_cancelled", video=run.key, shard=i, actor=slot, reason="another copy finished first")
 
@@ -963,19 +981,6 @@ def _one_line(e: BaseException, storage_options: dict[str, Any]) -> str:
         name = cause.__class__.__name__
         line = f"{name}: {line}" if name not in ("VideoError", "StorageError", "SinkError") else line
     return storage.redact(line, storage_options)
-
-
-def absolute_local_paths(spec: JobSpec) -> JobSpec:
-    """Local paths are relative to the submitting shell; actors run elsewhere, so make them absolute."""
-
-    def fix(url: str) -> str:
-        return url if "://" in url else os.path.abspath(url)
-
-    update: dict[str, Any] = {"uri": fix(spec.output.uri)}
-    if isinstance(spec.output.background, str):
-        update["background"] = fix(spec.output.background)
-    output = spec.output.model_copy(update=update)
-    return spec.model_copy(update={"inputs": [fix(u) for u in spec.inputs], "output": output})
 
 
 def run_job(

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import os
+import posixpath
 import tempfile
 from dataclasses import asdict, dataclass, field
 from fractions import Fraction
@@ -162,6 +163,9 @@ class VideoSink(FsspecSink):
                 raise SinkError(f"{self.target.url}: assembled {counted} frames, expected {expected}")
             digest = _sha256_file(out)
             storage.put_file_atomic(out, self.target.url, self.so)
+        # a commit killed mid-copy (a killed job, now resumed) left a hidden temporary beside the output
+        parent, name = posixpath.split(self.target.url)
+        storage.remove_temporaries(parent or ".", self.so, of=name)
         return {"url": self.target.url, "frames": expected, "sha256": digest}
 
 
@@ -192,6 +196,9 @@ class PngSequenceSink(FsspecSink):
 
     def on_write_complete(self, pieces: list[dict[str, Any]]) -> dict[str, Any]:
         expected = sum(p["frames"] for p in pieces)
+        # frames are written in place: a writer killed mid-frame (a lost node, a killed job that was
+        # resumed) left a hidden temporary here; every piece is in, and cancelled copies were told to stop
+        storage.remove_temporaries(self.target.url, self.so)
         found = [u for u in storage.list_files(self.target.url, self.so) if u.endswith(".png")]
         if len(found) < expected:
             raise SinkError(f"{self.target.url}: {len(found)} frames present, expected {expected}")

@@ -266,7 +266,8 @@ def _is_object_store(fs: fsspec.AbstractFileSystem) -> bool:
 
 def _tmp_name(path: str) -> str:
     head, tail = posixpath.split(path)
-    return posixpath.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}")
+    # hidden, and not ending like the final name: a glob for ``*.png`` never picks up a temporary
+    return posixpath.join(head, f"{TMP_MARK}{uuid.uuid4().hex[:12]}-{tail}.part")
 
 
 def _fsync_dir(directory: str) -> None:
@@ -455,6 +456,32 @@ def list_files(prefix_url: str, storage_options: dict[str, Any] | None = None,
             continue
         urls.append(join(prefix_url, rel))
     return urls
+
+
+def _is_temporary(name: str, suffix: str = "") -> bool:
+    return name.startswith(TMP_MARK) and name.endswith(suffix)
+
+
+def remove_temporaries(folder_url: str, storage_options: dict[str, Any] | None = None, of: str | None = None,
+                       retries: int = 5) -> int:
+    """Delete the temporaries left directly in a folder by writers killed mid-write (all of them, or
+    only those of the final name ``of``); returns how many. Call it when nothing else writes them."""
+    fs, root = open_fs(folder_url, storage_options)
+    suffix = f"-{of}.part" if of else ""
+
+    def sweep() -> int:
+        _forget(fs, root)
+        try:
+            names = fs.ls(root.rstrip("/"), detail=False)
+        except FileNotFoundError:
+            return 0
+        stale = [p for p in names if _is_temporary(posixpath.basename(p.rstrip("/")), suffix)]
+        for p in stale:
+            with contextlib.suppress(FileNotFoundError):
+                fs.rm_file(p)
+        return len(stale)
+
+    return _retry(folder_url, sweep, storage_options, retries)
 
 
 def remove(url: str, storage_options: dict[str, Any] | None = None, recursive: bool = False,

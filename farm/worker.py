@@ -12,6 +12,7 @@ import itertools
 import os
 import socket
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -100,6 +101,9 @@ class ModelWorker:
         # Heartbeat: read by ``ping`` on the actor's second thread while a shard renders on the first.
         self.progress, self.call_started, self.max_call_s = 0, None, 0.0
         self.aborted: set[str] = set()
+        # Held while a shard writes output frames: ``abort`` takes it, so once abort returns the aborted
+        # attempt writes nothing more (png outputs are written straight to their final keys).
+        self.write_lock = threading.Lock()
         self.model = load_model_class(config.name)(**config.params)
         weights = None
         if config.weights:
@@ -136,8 +140,13 @@ class ModelWorker:
         return {"progress": self.progress, "call_s": call_s, "max_call_s": self.max_call_s, "node": self.node}
 
     def abort(self, name: str) -> None:
-        """Stop the shard attempt ``name`` (task name + tag) at its next chunk, before it uploads anything."""
+        """Stop the shard attempt ``name`` (task name + tag) at its next chunk, before it uploads anything.
+
+        Returns once that attempt can write no more frames: the driver waits for it before it kills
+        actors at the end of a job, so no write is cut off halfway and no temporary is left behind."""
         self.aborted.add(name)
+        with self.write_lock:
+            pass
 
     def prepare(self, video: VideoContext) -> Any:
         return self.model.prepare(video)
@@ -217,14 +226,17 @@ class ModelWorker:
             if keep_whole:
                 for k, v in outputs.items():
                     whole.setdefault(k, []).append(to_uint8(v[max(a, s.start) - a :]))
-            for ch in sinks:
-                out = channel_frames(outputs, ch, background, start=a)  # [t, H, W, C] float32
-                for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
-                    if max(a, lo) < min(b, hi):
-                        dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
-                lo, hi = max(a, s.core_start), min(b, s.core_stop)
-                if lo < hi:
-                    cores[ch].write(to_uint8(out[lo - a : hi - a]))
+            with self.write_lock:
+                if task.name + task.tag in self.aborted:
+                    raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
+                for ch in sinks:
+                    out = channel_frames(outputs, ch, background, start=a)  # [t, H, W, C] float32
+                    for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
+                        if max(a, lo) < min(b, hi):
+                            dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
+                    lo, hi = max(a, s.core_start), min(b, s.core_stop)
+                    if lo < hi:
+                        cores[ch].write(to_uint8(out[lo - a : hi - a]))
         frames.close()
         if background is not None:
             background.close()

@@ -46,7 +46,9 @@ def pngs(folder: str | Path, storage_options: dict | None = None) -> list[bytes]
     import fsspec
 
     fs, path = fsspec.core.url_to_fs(str(folder), **(storage_options or {}))
-    return [fs.cat_file(p) for p in sorted(fs.find(path)) if p.endswith(".png")]
+    names = sorted(fs.find(path))
+    assert all(p.endswith(".png") and not p.rsplit("/", 1)[1].startswith(".") for p in names), names
+    return [fs.cat_file(p) for p in names]
 
 
 def outputs_of(result, storage_options: dict | None = None) -> dict[str, dict[str, list[bytes]]]:

@@ -179,6 +179,23 @@ def test_straggler_copy_wins(ray_session, clip, reference, tmp_path):
     assert cancelled["actor"] == 0
 
 
+def test_cancelled_copy_stops_before_the_actors_are_killed(ray_session, clip, tmp_path):
+    """png frames go straight to their final keys, so the losing copy of a speculated shard must have
+    stopped writing before the job kills its actors (else a frame's temporary is cut off halfway and
+    stays in the output folder): every cancelled copy acknowledges its abort, and the folder holds
+    the frames and nothing else."""
+    j = job(clip, tmp_path, params={"sleep_per_frame": 0.02, "slow_actor": 0, "slow_factor": 20})
+    j["output"].update(format="png", uri=str(tmp_path / "{job}/{stem}_{channel}"))
+    result, events, _ = run(j)
+    assert result.ok, result.manifest
+    cancelled = [(e["video"], e["shard"]) for e in of(events, "shard_cancelled")]
+    assert cancelled, "no copy was made: the test shows nothing"
+    assert [(e["video"], e["shard"]) for e in of(events, "copy_stopped")] == cancelled
+    (entry,) = result.manifest["videos"].values()
+    folder = Path(entry["outputs"]["alpha"]["url"])
+    assert sorted(os.listdir(folder)) == [f"{i:06d}.png" for i in range(FRAMES)]
+
+
 def test_no_copies_when_speculation_is_off(ray_session, clip, reference, tmp_path):
     params = {"sleep_per_frame": 0.005, "slow_actor": 0, "slow_factor": 20}
     result, events, _ = run(job(clip, tmp_path, params=params, scheduler={"speculative": False}))

@@ -202,8 +202,12 @@ def test_local_no_partial_file_during_slow_write(tmp_path) -> None:
                 if size != len(chunk) * n:
                     seen["partial"] = size
             names = os.listdir(final.parent) if final.parent.exists() else []
-            if any(name.startswith(storage.TMP_MARK) for name in names):
+            temps = [name for name in names if name.startswith(storage.TMP_MARK)]
+            if temps:
                 seen["tmp"] = True
+            like_final = [name for name in temps if name.endswith(".bin")]  # a glob for outputs finds these
+            if like_final:
+                seen["tmp_like_final"] = like_final
             time.sleep(0.002)
 
     threads = [threading.Thread(target=feed), threading.Thread(target=poll)]
@@ -217,8 +221,27 @@ def test_local_no_partial_file_during_slow_write(tmp_path) -> None:
             t.join(10)
     assert seen["tmp"], "the poller never saw the write in progress"
     assert seen["partial"] is None, f"saw a partial file of {seen['partial']} bytes"
+    assert "tmp_like_final" not in seen, seen
     assert final.stat().st_size == len(chunk) * n
     assert os.listdir(final.parent) == ["big.bin"]
+
+
+def test_remove_temporaries_of_killed_writers(where: tuple[str, dict]) -> None:
+    """Temporaries a killed writer left in a folder go; outputs, and other names' temporaries with
+    ``of``, stay."""
+    base, so = where
+    folder = storage.join(base, "seq")
+    storage.write_bytes_atomic(storage.join(folder, "000000.png"), b"frame", so)
+    for name in ("000001.png", "x.mp4"):  # what a writer killed between write and rename leaves
+        fs, path = storage.open_fs(storage._tmp_name(storage.join(folder, name)), so)
+        fs.pipe_file(path, b"half")
+    assert storage.remove_temporaries(folder, so, of="x.mp4") == 1
+    assert storage.remove_temporaries(folder, so) == 1
+    assert storage.remove_temporaries(folder, so) == 0
+    fs, path = storage.open_fs(folder, so)
+    fs.invalidate_cache()
+    assert [p.rstrip("/").rsplit("/", 1)[1] for p in fs.ls(path, detail=False)] == ["000000.png"]
+    assert storage.remove_temporaries(storage.join(base, "missing"), so) == 0
 
 
 # ---- S3 specifics --------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from typing import Any
 
 import click
 
-from farm.spec import SpecError, load_spec
+from farm.spec import SpecError, absolute_local_paths, load_spec
 
 EXIT_OK, EXIT_FAILED, EXIT_SPEC = 0, 1, 2
 
@@ -24,8 +24,9 @@ def _fail(message: str, code: int) -> None:
 
 
 def _load(job: str):
+    """The job file's spec, local paths made absolute: every command shows the job id submit uses."""
     try:
-        return load_spec(job)
+        return absolute_local_paths(load_spec(job))
     except SpecError as e:
         _fail(str(e), EXIT_SPEC)
 

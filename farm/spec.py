@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any, Literal
@@ -292,3 +293,18 @@ def load_spec(path: str | Path) -> JobSpec:
     except (OSError, UnicodeDecodeError) as e:
         raise SpecError(f"{path}: cannot read job file ({e.__class__.__name__})") from None
     return parse_spec(text, source=str(path))
+
+
+def absolute_local_paths(spec: JobSpec) -> JobSpec:
+    """Local paths are relative to the submitting shell; actors run elsewhere, so make them absolute.
+
+    The job id is computed after this, so ``farm validate``, ``plan``, ``status`` and ``submit`` agree."""
+
+    def fix(url: str) -> str:
+        return url if "://" in url else os.path.abspath(url)
+
+    update: dict[str, Any] = {"uri": fix(spec.output.uri)}
+    if isinstance(spec.output.background, str):
+        update["background"] = fix(spec.output.background)
+    output = spec.output.model_copy(update=update)
+    return spec.model_copy(update={"inputs": [fix(u) for u in spec.inputs], "output": output})

@@ -90,6 +90,9 @@ def test_nightly_batch_report_exit_codes_and_idempotent_rerun(batch, ray_session
     again = farm_cli("submit", "--quiet", "--json", "job.yaml", cwd=batch)
     assert again.returncode == 1, again.stderr
     doc = json.loads(again.stdout)
+    # validate and plan name the job id submit used (its ledger), although the job's paths are relative
+    assert f"(job id {doc['job']}," in farm_cli("validate", "job.yaml", cwd=batch).stdout
+    assert json.loads(farm_cli("plan", "--json", "job.yaml", cwd=batch).stdout)["job"] == doc["job"]
     rows2 = read_report(doc["report_url"])
     assert sorted(r["status"] for r in rows2).count("skipped") == 18
     assert sum(r["shards_dispatched"] for r in rows2) == 0

@@ -58,6 +58,7 @@ class VideoInfo:
     width: int
     height: int
     rotation: int  # degrees counter-clockwise from the display matrix (ffprobe's sign), 0 if none
+    # width and height are as displayed: read_frames turns frames upright (see upright_turns)
     pix_fmt: str
     codec: str
     duration: float  # seconds of video: frame_count / fps
@@ -185,13 +186,16 @@ def probe(url: str, storage_options: dict | None = None) -> VideoInfo:
         if count == 0:
             raise VideoError(f"{url}: no video frames")
         audio = c.streams.audio[0] if c.streams.audio else None
+        width, height = int(v.codec_context.width), int(v.codec_context.height)
+        if upright_turns(rotation or 0) % 2:
+            width, height = height, width
         return VideoInfo(
             url=url,
             frame_count=int(count),
             fps_num=fps.numerator,
             fps_den=fps.denominator,
-            width=int(v.codec_context.width),
-            height=int(v.codec_context.height),
+            width=width,
+            height=height,
             rotation=rotation or 0,
             pix_fmt=str(v.codec_context.pix_fmt),
             codec=v.codec_context.codec.canonical_name,
@@ -199,6 +203,14 @@ def probe(url: str, storage_options: dict | None = None) -> VideoInfo:
             has_audio=audio is not None,
             audio_codec=audio.codec_context.codec.canonical_name if audio is not None else None,
         )
+
+
+def upright_turns(rotation: float) -> int:
+    """Quarter turns counter-clockwise (``np.rot90``'s k) that show a frame as its display matrix says,
+    as ffmpeg does by default: a phone's portrait clip reaches the model upright. Angles that are
+    not a multiple of 90 degrees are left alone."""
+    quarters = rotation / 90
+    return int(round(quarters)) % 4 if abs(quarters - round(quarters)) < 0.01 else 0
 
 
 def decoded_frame_count(path: str, storage_options: dict | None = None) -> int:
@@ -315,7 +327,8 @@ class _SeekLate(Exception):
 
 def read_frames(url: str, start: int, stop: int, storage_options: dict | None = None) -> Iterator[np.ndarray]:
     """Yield frames [start, stop) as ``uint8 [H, W, 3]`` RGB: seek to the keyframe at or before start,
-    decode forward, drop the frames before start. A generator: memory stays at one GOP of decoder state."""
+    decode forward, drop the frames before start. A generator: memory stays at one GOP of decoder state.
+    Frames come upright (the display matrix applied, as ffmpeg does), at ``probe``'s width and height."""
     if start < 0 or stop < start:
         raise ValueError(f"bad frame range [{start}, {stop})")
     if stop == start:
@@ -350,7 +363,9 @@ def _read(
                 for i, frame in _decode_range(c, v, start, stop, mapping, target):
                     if i != start + yielded:
                         raise VideoError(f"{url}: frame {start + yielded} missing (decoded {i} next)")
-                    yield frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                    rgb = frame.to_ndarray(format="rgb24")  # [H, W, 3] uint8
+                    turns = upright_turns(frame.rotation)
+                    yield np.ascontiguousarray(np.rot90(rgb, turns)) if turns else rgb
                     done.append(frame.pts)
                     yielded += 1
             except _SeekLate as late:

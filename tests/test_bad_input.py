@@ -94,6 +94,10 @@ def test_batch_of_bad_inputs(ray_session, media, tmp_path) -> None:
     # the numbered bars survive: the synthetic model inverts, so frame i's bar b is dark where bit b is set
     from PIL import Image
 
+    # the rotated clip (64x48 stored, display matrix 90) is rendered upright, as a player shows it
+    rotated = sorted(Path(videos[media["rotated"]]["outputs"]["alpha"]["url"]).glob("*.png"))
+    assert np.asarray(Image.open(rotated[0])).shape[:2] == (64, 48)
+
     first = np.asarray(Image.open(sorted(Path(videos[media["good"]]["outputs"]["alpha"]["url"]).glob("*.png"))[37]))
     bits = [first[:, b * 8 + 2 : (b + 1) * 8 - 2].mean() < 100 for b in range(8)]
     assert sum(int(x) << b for b, x in enumerate(bits)) == 37

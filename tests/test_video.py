@@ -10,6 +10,7 @@ import av
 import fsspec
 import numpy as np
 import pytest
+from media import write_video
 
 from farm import video
 from farm.video import SegmentWriter, VideoError, VideoInfo, concat_segments, probe, read_frames
@@ -374,4 +375,19 @@ def test_probe_rotation(tmp_path: Path) -> None:
             c.mux(s.encode(av.VideoFrame.from_ndarray(np.zeros((48, 64, 3), np.uint8), format="rgb24")))
         c.mux(s.encode(None))
     info = probe(p)
-    assert info.rotation == 90 and (info.width, info.height) == (64, 48)
+    assert info.rotation == 90 and (info.width, info.height) == (48, 64)  # as displayed
+
+
+@pytest.mark.parametrize("rotation", [90, -90, 180, 270])
+def test_frames_come_upright(tmp_path: Path, rotation: int) -> None:
+    """The same H.264 stream with and without a display matrix: read_frames turns the rotated one
+    as a player shows it (np.rot90 counter-clockwise by the matrix's angle), pixel for pixel."""
+    plain = probe(write_video(tmp_path / "plain.mp4", 12, (64, 48)))
+    turned = probe(write_video(tmp_path / "turned.mp4", 12, (64, 48), rotation=rotation))
+    assert (turned.width, turned.height) == ((48, 64) if rotation % 180 else (64, 48))
+    for a, b in [(0, 12), (5, 9)]:  # from the start and after a seek
+        want = [np.rot90(f, rotation // 90) for f in read_frames(plain.url, a, b)]
+        got = list(read_frames(turned.url, a, b))
+        assert all(g.shape == (turned.height, turned.width, 3) and g.flags.c_contiguous for g in got)
+        assert np.array_equal(np.stack(got), np.stack(want))
+    assert not np.array_equal(np.stack(got), np.stack([np.rot90(w, 2) for w in want]))

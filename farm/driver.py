@@ -13,6 +13,7 @@ import itertools
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -174,6 +175,7 @@ class JobRunner:
         self.events: list[dict] = []
         self.retired: dict[int, str] = {}  # actor slot -> why it gets no more shards of this job
         self.aborts: dict[Any, dict[str, Any]] = {}  # abort-call ref -> the cancelled copy it stops
+        self.ledger_writable = True  # False when the output prefix refused the ledger's first write
 
     # ---- planning ---------------------------------------------------------------------------
 
@@ -332,14 +334,23 @@ class JobRunner:
             return self._run()
         finally:  # on failure too: the event log says what the scheduler saw (deaths, hangs, blocklists)
             try:
-                self.ledger.write_json("events.json", self.events)
+                if self.ledger_writable:
+                    self.ledger.write_json("events.json", self.events)
             except Exception as e:  # never hide the run's own error behind the log's
                 log.warning("could not write events.json: %s", _one_line(e, self.so))
 
     def _run(self) -> JobResult:
         t_start = time.time()
         videos, errors = expand_inputs(self.spec.inputs, self.so)
-        self.ledger.write_spec(self.spec.public_dict())
+        try:  # the ledger's first write: an output prefix that cannot be written stops the job here
+            self.ledger.write_spec(self.spec.public_dict())
+        except storage.StorageError as e:
+            self.ledger_writable = False
+            prefix = storage.redact(storage.static_prefix(self.spec.output.uri), self.so)
+            line = _one_line(e, self.so)
+            errno_text = re.search(r"\[Errno \d+\] ([^:]+)", line)  # "No such file or directory"
+            reason = errno_text.group(1) if errno_text else line
+            raise JobError(f"output.uri: cannot write under {prefix} ({reason})") from None
         for line in errors:
             self.event("input_error", error=line)
         seen_outputs: dict[str, str] = {}

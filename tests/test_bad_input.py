@@ -203,3 +203,12 @@ def test_cli_reports_bad_input_on_one_line(media, tmp_path) -> None:
     assert any(media["zero"] in ln and "empty file" in ln for ln in failed)
     assert any(media["text"] in ln and "not a video file" in ln for ln in failed)
     assert f"succeeded {media['good']}" in proc.stdout
+
+
+def test_output_prefix_that_cannot_be_written_is_one_line(ray_session, media, tmp_path) -> None:
+    """An output under a regular file: the job stops before any render, naming output.uri and why."""
+    (tmp_path / "afile").write_text("not a folder")
+    job = synthetic_job([media["good"]], tmp_path / "afile" / "out")
+    with pytest.raises(JobError) as e:
+        render(job)
+    assert str(e.value) == f"output.uri: cannot write under {tmp_path}/afile/out (Not a directory)"

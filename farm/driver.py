@@ -383,7 +383,10 @@ class JobRunner:
             try:
                 self.schedule(todo)
             finally:
-                self.wait_for_aborts()
+                try:
+                    self.wait_for_aborts()
+                except ray.exceptions.RayError as e:  # never hide the run's own error behind this one
+                    log.warning("cancelled copies not confirmed stopped: %s", _one_line(e, self.so))
                 for a in self.actors:
                     if a is not None:
                         ray.kill(a)

@@ -467,6 +467,8 @@ def remove_temporaries(folder_url: str, storage_options: dict[str, Any] | None =
     """Delete the temporaries left directly in a folder by writers killed mid-write (all of them, or
     only those of the final name ``of``); returns how many. Call it when nothing else writes them."""
     fs, root = open_fs(folder_url, storage_options)
+    if _is_object_store(fs):
+        return 0  # single puts there: no temporaries, and no listing of a prefix with many outputs
     suffix = f"-{of}.part" if of else ""
 
     def sweep() -> int:

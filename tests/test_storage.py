@@ -228,8 +228,10 @@ def test_local_no_partial_file_during_slow_write(tmp_path) -> None:
 
 def test_remove_temporaries_of_killed_writers(where: tuple[str, dict]) -> None:
     """Temporaries a killed writer left in a folder go; outputs, and other names' temporaries with
-    ``of``, stay."""
+    ``of``, stay (local disk and file://, where writes go through a temporary and a rename)."""
     base, so = where
+    if base.startswith(("s3://", "memory://")):
+        pytest.skip("object stores take single puts: nothing leaves a temporary there")
     folder = storage.join(base, "seq")
     storage.write_bytes_atomic(storage.join(folder, "000000.png"), b"frame", so)
     for name in ("000001.png", "x.mp4"):  # what a writer killed between write and rename leaves

@@ -186,8 +186,8 @@ def find_manifest(target: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(manifest URL, manifest, storage options)`` for a manifest URL or a job YAML."""
     so: dict[str, Any] = {}
     if target.endswith((".yaml", ".yml")):
-        from farm.driver import absolute_local_paths, ledger_root
-        from farm.spec import load_spec
+        from farm.driver import ledger_root
+        from farm.spec import absolute_local_paths, load_spec
 
         spec = absolute_local_paths(load_spec(target))  # SpecError for a bad file: the caller says so
         so = dict(spec.storage_options)

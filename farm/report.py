@@ -92,8 +92,9 @@ def summary_line(manifest: dict[str, Any]) -> str:
 
 def ledger_status(spec: Any) -> dict[str, Any]:
     """Per video: shards done/total, frames, failures, status; read from the job's ledger in storage."""
-    from farm.driver import absolute_local_paths, ledger_root
+    from farm.driver import ledger_root
     from farm.ledger import Ledger
+    from farm.spec import absolute_local_paths
 
     spec = absolute_local_paths(spec)  # the job id is computed from absolute local paths, as run_job does
     ledger = Ledger(ledger_root(spec), spec.storage_options)

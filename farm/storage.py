@@ -452,7 +452,7 @@ def list_files(prefix_url: str, storage_options: dict[str, Any] | None = None,
     urls = []
     for p in sorted(_retry(prefix_url, find, storage_options, retries)):
         rel = p[len(root):].lstrip("/") if p.startswith(root) else posixpath.basename(p)
-        if not rel or any(part.startswith(TMP_MARK) for part in rel.split("/")):
+        if not rel or any(_is_temporary(part) for part in rel.split("/")):
             continue
         urls.append(join(prefix_url, rel))
     return urls

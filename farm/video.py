@@ -55,10 +55,9 @@ class VideoInfo:
     frame_count: int
     fps_num: int
     fps_den: int
-    width: int
+    width: int  # as displayed: read_frames turns frames upright (see upright_turns)
     height: int
     rotation: int  # degrees counter-clockwise from the display matrix (ffprobe's sign), 0 if none
-    # width and height are as displayed: read_frames turns frames upright (see upright_turns)
     pix_fmt: str
     codec: str
     duration: float  # seconds of video: frame_count / fps

@@ -148,6 +148,10 @@ class ModelWorker:
         with self.write_lock:
             pass
 
+    def stop_if_aborted(self, task: ShardTask) -> None:
+        if task.name + task.tag in self.aborted:
+            raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
+
     def prepare(self, video: VideoContext) -> Any:
         return self.model.prepare(video)
 
@@ -202,8 +206,7 @@ class ModelWorker:
             batch = np.stack(list(itertools.islice(frames, b - a)))  # [t, H, W, 3] uint8
             if len(batch) != b - a:
                 raise RuntimeError(f"{task.name}: decoded {len(batch)} frames for [{a}, {b}) of {task.url}")
-            if task.name + task.tag in self.aborted:
-                raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
+            self.stop_if_aborted(task)
             self.call_started = time.monotonic()
             try:
                 if previous is not None:  # pass 2 of a shard: one call over the whole window
@@ -227,8 +230,7 @@ class ModelWorker:
                 for k, v in outputs.items():
                     whole.setdefault(k, []).append(to_uint8(v[max(a, s.start) - a :]))
             with self.write_lock:
-                if task.name + task.tag in self.aborted:
-                    raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
+                self.stop_if_aborted(task)
                 for ch in sinks:
                     out = channel_frames(outputs, ch, background, start=a)  # [t, H, W, C] float32
                     for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
@@ -240,8 +242,7 @@ class ModelWorker:
         frames.close()
         if background is not None:
             background.close()
-        if task.name + task.tag in self.aborted:
-            raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
+        self.stop_if_aborted(task)
 
         record: dict[str, Any] = {"shard": s.to_dict(), "channels": {}, "rendered_frames": rendered}
         for ch in sinks:

@@ -250,11 +250,17 @@ class JobRunner:
         """An actor's ``info()`` came back: it is ready, or it refused to start (returns why)."""
         try:
             info = ray.get(info_ref)
+            error, detail = info.get("error"), info.get("detail")
         except ray.exceptions.RayError as e:
-            error = _one_line(e, self.so)
+            error, detail = _one_line(e, self.so), None
+        if error:  # the actor is alive but holds no model (it reports why instead of crashing): stop it
+            error = storage.redact(error, self.so)
+            if self.actors[slot] is not None:
+                ray.kill(self.actors[slot], no_restart=True)
             self.actors[slot] = None
             self.retired[slot] = f"did not load: {error}"
-            self.event("actor_refused", actor=slot, error=error)
+            self.event("actor_refused", actor=slot, error=error,
+                       detail=storage.redact(detail, self.so) if detail else None)
             return error
         self.ready.add(slot)
         if info.get("node"):

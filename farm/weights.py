@@ -482,13 +482,20 @@ def _load_torch(path: Path) -> dict[str, torch.Tensor]:
 
     import torch
 
+    with open(path, "rb") as f:
+        magic = f.read(4)
+    if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
+        raise WeightsError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
-        why = found.group(0) if found else _oneline(e)[:200]
+        if not found:
+            why = re.search(r"WeightsUnpickler error: *\n*([^\n]+)", str(e))
+            raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
+                               f"({why.group(1).strip() if why else _oneline(e)[:200]})") from None
         raise WeightsError(f"refusing to load {path}: it pickles objects beyond tensors, which could run "
-                           f"code ({why})") from None
+                           f"code ({found.group(0)})") from None
     except Exception as e:  # truncated zip, wrong magic number...
         raise WeightsError(f"cannot read {path}: {_oneline(e)}") from e
     # Training checkpoints wrap the weights: {"state_dict": {...}} (Lightning) or {"model": {...}}.

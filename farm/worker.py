@@ -14,6 +14,7 @@ import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -78,6 +79,22 @@ def load_npz(url: str, storage_options: dict[str, Any]) -> dict[str, np.ndarray]
         return {k: z[k] for k in z.files}
 
 
+def load_error_line(config: ModelConfig, step: str, e: BaseException) -> str:
+    """Why a model did not load, as one line naming the spec field at fault (and the weights file)."""
+    from actors.base import ModelError
+    from farm.weights import WeightsError
+
+    lines = str(e).strip().splitlines()
+    reason = lines[0] if lines else ""
+    if not isinstance(e, (ModelError, WeightsError, MemoryError)):
+        reason = f"{type(e).__name__}: {reason}" if reason else type(e).__name__
+    if step == "resources.gpu_memory_gb" or isinstance(e, WeightsError):
+        return reason  # these name their field or their file already
+    if step == "model.weights":
+        return f"model.weights {config.weights}: {reason}"
+    return f"{step}: {reason}" if step != "model" else reason
+
+
 def pick_device(requested: str) -> str:
     if requested != "auto":
         return requested
@@ -104,16 +121,29 @@ class ModelWorker:
         # Held while a shard writes output frames: ``abort`` takes it, so once abort returns the aborted
         # attempt writes nothing more (png outputs are written straight to their final keys).
         self.write_lock = threading.Lock()
-        self.model = load_model_class(config.name)(**config.params)
-        weights = None
-        if config.weights:
-            from farm.weights import resolve
+        # A model that cannot load is reported by ``info()``, never raised: an exception escaping
+        # ``__init__`` fails Ray's creation task, which prints a traceback and a crash dump on the driver.
+        self.load_error: str | None = None
+        self.load_detail: str | None = None
+        step = "model.params"
+        try:
+            self.model = load_model_class(config.name)(**config.params)
+            weights = None
+            if config.weights:
+                from farm.weights import resolve
 
-            weights = str(resolve(config.weights, storage_options=storage_options or {}))
-        device = pick_device(config.device) if self.model.needs_weights else "cpu"
-        self.model.load(weights, device=device, dtype=config.dtype)
+                step = "model.weights"
+                weights = str(resolve(config.weights, storage_options=storage_options or {}))
+            device = pick_device(config.device) if self.model.needs_weights else "cpu"
+            step = "model.weights" if weights else "model"
+            self.model.load(weights, device=device, dtype=config.dtype)
+            step = "resources.gpu_memory_gb"
+            self.check_memory_budget()
+        except Exception as e:
+            self.model = None
+            self.load_error = load_error_line(config, step, e)
+            self.load_detail = traceback.format_exc(limit=20)
         self.load_seconds = time.perf_counter() - t0
-        self.check_memory_budget()
 
     def check_memory_budget(self) -> None:
         budget = self.config.gpu_memory_gb
@@ -132,7 +162,12 @@ class ModelWorker:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
 
     def info(self) -> dict[str, Any]:
-        return {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node, "load_seconds": self.load_seconds}
+        """Where the actor runs and how its model loaded; ``error`` (one line) and ``detail`` (the
+        traceback, for the ledger's events) when it did not."""
+        info = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node, "load_seconds": self.load_seconds}
+        if self.load_error:
+            info.update(error=self.load_error, detail=self.load_detail)
+        return info
 
     def ping(self) -> dict[str, Any]:
         """Liveness and progress, answered on a second thread (the actor runs max_concurrency=2)."""

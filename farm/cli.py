@@ -60,13 +60,12 @@ def plan(job: str, as_json: bool) -> None:
     from rich.table import Table
 
     from actors import load_model_class
-    from farm.driver import resolve_window
     from farm.inputs import expand_inputs
-    from farm.plan import PlanError, plan_shards
+    from farm.plan import PlanError, plan_shards, resolve_window
     from farm.video import VideoError, probe
 
     spec = _load(job)
-    mode, frames, overlap, preroll = resolve_window(spec, load_model_class(spec.model.name))
+    mode, frames, overlap, preroll = resolve_window(spec.window, load_model_class(spec.model.name).window)
     videos, errors = expand_inputs(spec.inputs, spec.storage_options)
     doc: dict[str, Any] = {"job": spec.job_id, "mode": mode, "videos": {}, "errors": list(errors)}
     for v in videos:

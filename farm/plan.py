@@ -10,6 +10,7 @@ runs ``preroll`` frames before ``start`` (clamped at frame 0) and discards them,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 
 class PlanError(ValueError):
@@ -49,12 +50,37 @@ class Shard:
         return asdict(self)
 
 
+def resolve_window(window: Any, defaults: Any) -> tuple[str, int, int, int]:
+    """(state mode, frames, overlap, preroll): the job's ``window`` over the model's ``defaults``."""
+    mode = window.state if window.state != "auto" else defaults.state
+    frames = window.frames or defaults.frames
+    overlap = window.overlap if window.overlap is not None else defaults.overlap
+    if mode == "handoff":
+        overlap = 0  # the state carries the context exactly: overlapping would only render frames twice
+    preroll = window.preroll if mode == "preroll" else 0
+    return mode, frames, overlap, preroll
+
+
+def overlap_problem(frames: int, overlap: int) -> str | None:
+    """Why ``overlap`` cannot tile windows of ``frames`` frames (``"must ..."``), or None when it can.
+
+    A shard between two others renders ``frames - 2 * overlap`` frames of its own: at least one is needed,
+    or its neighbours' overlaps meet inside it and the output has pieces of no frames.
+    """
+    if 2 * overlap >= frames:
+        return (
+            f"must be less than half of window.frames ({overlap} >= {frames}/2): a shard between two others "
+            f"would render no frame of its own"
+        )
+    return None
+
+
 def plan_shards(video: str, frame_count: int, frames: int, overlap: int = 0, preroll: int = 0) -> list[Shard]:
     """Tile ``frame_count`` frames with windows of ``frames`` frames sharing ``overlap`` frames.
 
-    Each frame is rendered by at most two shards (``2 * overlap <= frames``), so a blend is always
-    between a tail and the next head. The last shard may be shorter; a video shorter than one
-    window is one shard.
+    Each frame is rendered by at most two shards and every shard has frames of its own
+    (``2 * overlap < frames``), so a blend is always between a tail and the next head. The last shard may
+    be shorter; a video shorter than one window is one shard.
     """
     if frame_count < 1:
         raise PlanError(f"video has no frames ({frame_count})")
@@ -62,13 +88,9 @@ def plan_shards(video: str, frame_count: int, frames: int, overlap: int = 0, pre
         raise PlanError(f"window.frames must be at least 1 ({frames})")
     if overlap < 0:
         raise PlanError(f"window.overlap must not be negative ({overlap})")
-    if overlap >= frames:
-        raise PlanError(f"window.overlap must be smaller than window.frames ({overlap} >= {frames})")
-    if 2 * overlap > frames:
-        raise PlanError(
-            f"window.overlap must be at most half of window.frames ({overlap} > {frames // 2}), "
-            "so that no frame is rendered by three shards"
-        )
+    problem = overlap_problem(frames, overlap)
+    if problem:
+        raise PlanError(f"window.overlap {problem}")
     if preroll < 0:
         raise PlanError(f"window.preroll must not be negative ({preroll})")
 

@@ -90,6 +90,23 @@ def summary_line(manifest: dict[str, Any]) -> str:
     return f"{', '.join(parts)} of {n} videos, {frames} frames rendered in {manifest['seconds']:.1f}s"
 
 
+def count_frames_done(shards: list[dict[str, Any]], done: set[int], finished: bool = False) -> int:
+    """The video's frames that are rendered: each done shard's own (core) frames, and each overlap once
+    both shards that render it are done (then it is blended). Only grows as shards finish; a finished
+    video counts all its frames. ``done`` holds positions in ``shards``; with two passes, frames are done
+    after pass 2 (the last stage)."""
+    total = shards[-1]["stop"] if shards else 0
+    if finished:
+        return total
+    last = shards[-1].get("stage", 0) if shards else 0
+    final = [(i, s) for i, s in enumerate(shards) if s.get("stage", 0) == last]
+    count = sum(s["core_stop"] - s["core_start"] for i, s in final if i in done)
+    for (i, s), (j, _) in zip(final, final[1:], strict=False):
+        if i in done and j in done:
+            count += s["stop"] - s["core_stop"]  # the overlap of shard i with shard i + 1
+    return count
+
+
 def ledger_status(spec: Any) -> dict[str, Any]:
     """Per video: shards done/total, frames, failures, status; read from the job's ledger in storage."""
     from farm.driver import ledger_root
@@ -113,11 +130,8 @@ def ledger_status(spec: Any) -> dict[str, Any]:
     for key, p in plan["videos"].items():
         done = ledger.done_shards(key)
         shards = p["shards"]
-        last = shards[-1].get("stage", 0) if shards else 0  # two-pass models: frames are done after pass 2
-        frames_done = sum(
-            s["core_stop"] - s["core_start"] for i, s in enumerate(shards) if i in done and s.get("stage", 0) == last
-        )
         record = ledger.read_json(f"videos/{key}.json")
+        frames_done = count_frames_done(shards, done, finished=bool(record))
         m = (manifest or {}).get("videos", {}).get(key, {})
         if record:
             status = "succeeded"

@@ -16,6 +16,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from farm.plan import overlap_problem, resolve_window
+
 CHANNELS = ("alpha", "fgr", "comp", "rgb", "rgba")
 FORMAT_EXT = {"mp4": "mp4", "mov": "mov", "png": ""}
 PLACEHOLDERS = {"job", "stem", "channel", "ext"}
@@ -76,12 +78,9 @@ class WindowSpec(_Strict):
     @model_validator(mode="after")
     def _overlap_fits(self) -> WindowSpec:
         if self.frames is not None and self.overlap is not None:
-            if self.overlap >= self.frames:
-                raise ValueError(f"overlap: must be smaller than window.frames ({self.overlap} >= {self.frames})")
-            if 2 * self.overlap > self.frames:
-                raise ValueError(
-                    f"overlap: must be at most half of window.frames ({self.overlap} > {self.frames // 2})"
-                )
+            problem = overlap_problem(self.frames, self.overlap)
+            if problem:
+                raise ValueError(f"overlap: {problem}")
         if self.state == "preroll" and self.preroll == 0:
             raise ValueError("preroll: state=preroll needs preroll > 0 frames")
         return self
@@ -191,6 +190,28 @@ class JobSpec(_Strict):
                 raise ValueError(f"[{i}]: empty input")
         return inputs
 
+    @model_validator(mode="after")
+    def _window_tiles_videos(self) -> JobSpec:
+        """The window as a run resolves it (the model's defaults filled in) must tile a video: a spec that
+        validates must render."""
+        from actors import load_model_class
+
+        try:
+            defaults = load_model_class(self.model.name).window
+        except Exception:  # an unknown model: the model field reported it already
+            return self
+        w = self.window
+        _, frames, overlap, _ = resolve_window(w, defaults)
+        problem = overlap_problem(frames, overlap)
+        if problem and (w.frames is None or w.overlap is None):  # both given: the window's own check ran
+            if w.overlap is not None:
+                raise ValueError(f"window.overlap: {problem} (window.frames is {self.model.name}'s {frames})")
+            raise ValueError(
+                f"window.frames: {frames} is too short for {self.model.name}'s overlap of {overlap}: the overlap "
+                f"{problem}"
+            )
+        return self
+
     def fingerprint(self) -> str:
         """A short hash of what determines the output (not credentials): the job id's suffix."""
         runtime_only = {"storage_options", "resources", "retries", "max_failed_shards", "limits", "scheduler"}
@@ -241,9 +262,9 @@ def _error_message(err: dict[str, Any]) -> tuple[tuple[Any, ...], str]:
     elif err["type"] == "literal_error":
         msg = f"{msg} (got {err.get('input')!r})"
     # A validator may name a sub-field first ("overlap: must ..."): move it into the path.
-    m = re.match(r"^([a-z_]+(?:\[\d+\])?): (.*)$", msg)
+    m = re.match(r"^([a-z_]+(?:\.[a-z_]+)*(?:\[\d+\])?): (.*)$", msg)
     if m:
-        loc = loc + (m.group(1),)
+        loc = loc + tuple(m.group(1).split("."))
         msg = m.group(2)
     return loc, msg
 

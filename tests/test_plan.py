@@ -1,8 +1,12 @@
 """The planner over its edges: every frame covered, at most two shards per frame, pieces tile the video."""
 
+import numpy as np
+import pydantic
 import pytest
 
 from farm.plan import PlanError, output_pieces, plan_shards
+from farm.spec import WindowSpec
+from farm.stitch import blend
 
 
 def coverage(shards, n):
@@ -28,7 +32,7 @@ def check_invariants(shards, n, overlap):
 
 
 @pytest.mark.parametrize("n", [1, 2, 7, 23, 24, 25, 40, 41, 48, 100, 1000])
-@pytest.mark.parametrize("frames,overlap", [(24, 8), (24, 0), (10, 5), (1, 0), (85, 16)])
+@pytest.mark.parametrize("frames,overlap", [(24, 8), (24, 0), (10, 4), (9, 4), (1, 0), (85, 16)])
 def test_tiling_invariants(n, frames, overlap):
     check_invariants(plan_shards("v", n, frames, overlap), n, overlap)
 
@@ -77,9 +81,11 @@ def test_preroll_is_clamped_at_frame_zero():
 @pytest.mark.parametrize(
     "args,message",
     [
-        ((24, 24), "smaller than window.frames"),
-        ((8, 16), "smaller than window.frames"),
-        ((24, 13), "at most half"),
+        ((24, 24), "less than half of window.frames"),
+        ((8, 16), "less than half of window.frames"),
+        ((24, 13), "less than half"),
+        ((24, 12), "less than half"),  # the middle shards would have no frame of their own
+        ((8, 4), "no frame of its own"),
         ((0, 0), "at least 1"),
         ((24, -1), "not be negative"),
     ],
@@ -92,3 +98,42 @@ def test_bad_windows_rejected(args, message):
 def test_empty_video_rejected():
     with pytest.raises(PlanError, match="no frames"):
         plan_shards("v", 0, 24, 8)
+
+
+def _accepted(frames: int, overlap: int) -> bool:
+    try:
+        WindowSpec(frames=frames, overlap=overlap)
+    except pydantic.ValidationError:
+        return False
+    return True
+
+
+def test_every_window_the_spec_accepts_renders_every_frame_exactly_once():
+    """All small (frames, overlap, length): the planner tiles the video and the assembly (each shard's
+    core, each overlap blended from the two shards that rendered it, joined in order) gives frame k at
+    position k, once. A window the spec refuses is refused by the planner too."""
+    accepted = 0
+    for frames in range(1, 13):
+        for overlap in range(0, frames + 1):
+            if not _accepted(frames, overlap):
+                with pytest.raises(PlanError):
+                    plan_shards("v", 40, frames, overlap)
+                continue
+            for n in range(1, 41):
+                accepted += 1
+                shards = plan_shards("v", n, frames, overlap)
+                check_invariants(shards, n, overlap)
+                # each shard "renders" the frame index of every frame it covers
+                rendered = {s.index: np.arange(s.start, s.stop, dtype=np.float32) for s in shards}
+                out = []
+                for kind, i, start, stop in output_pieces(shards):
+                    s = shards[i]
+                    mine = rendered[i][start - s.start : stop - s.start]
+                    if kind == "blend":
+                        nxt = shards[i + 1]
+                        theirs = rendered[i + 1][start - nxt.start : stop - nxt.start]
+                        mine = blend(mine[:, None, None, None], theirs[:, None, None, None])[:, 0, 0, 0]
+                    out.append(mine)
+                joined = np.concatenate(out)  # blends of equal values, exact up to float rounding
+                assert joined.shape == (n,) and np.abs(joined - np.arange(n)).max() < 1e-3, (frames, overlap, n)
+    assert accepted == 1680  # (frames, overlap) pairs the spec accepts for frames <= 12, times 40 lengths

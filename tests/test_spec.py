@@ -27,9 +27,15 @@ BAD = [
         "name: x\ninputs: [a.mp4]\nwindow:\n  frames: 8\n  overlap: 16\n",
         5,
         "window.overlap",
-        "smaller than window.frames",
+        "less than half of window.frames",
     ),
-    ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 24\n  overlap: 13\n", 5, "window.overlap", "at most half"),
+    ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 24\n  overlap: 13\n", 5, "window.overlap", "less than half"),
+    # the middle shards of 8/4 and 10/5 would render no frame of their own
+    ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 8\n  overlap: 4\n", 5, "window.overlap", "no frame of its own"),
+    ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 10\n  overlap: 5\n", 5, "window.overlap", "less than half"),
+    # with the keyer's default overlap of 8, 16 frames leave the middle shards nothing
+    ("name: x\ninputs: [a.mp4]\nwindow:\n  frames: 16\n", 4, "window.frames", "keyer's overlap of 8"),
+    ("name: x\ninputs: [a.mp4]\nwindow:\n  overlap: 24\n", 4, "window.overlap", "keyer's 48"),
     ("name: x\ninputs: [a.mp4]\nmodel:\n  name: nope\n", 4, "model.name", "unknown model"),
     ("name: x\ninputs: [a.mp4]\noutput:\n  format: avi\n", 4, "output.format", "'avi'"),
     ("name: x\ninputs: [a.mp4]\nbogus: 1\n", 3, "bogus", "unknown key"),

@@ -20,8 +20,11 @@ Differences from upstream, on purpose:
 - Upstream's UNet is diffusers' ``UNetSpatioTemporalConditionModel`` with the added-time embedding
   removed. Its checkpoint therefore lacks ``add_embedding.*``; we load it into diffusers' own class and
   zero that embedding's output layer, which makes ``added_time_ids`` contribute exactly nothing.
-- Upstream runs an ensemble of 3 *identical* inputs and takes the max: with zero noise the members are
-  equal, so ``ensemble`` only runs more than once with ``noise="gaussian"``.
+- Upstream runs an ensemble of 3 members and takes the max. With zero noise their latents are equal (the
+  UNet runs once here), and they differ only where upstream's VAE decodes the members' frames as one
+  sequence and a ``decode_chunk_size`` chunk straddles two members. farm's default ``ensemble`` is 1: equal
+  to upstream's 3 whenever the chunk divides ``window.frames`` (the defaults 16/16); ``ensemble: 3``
+  reproduces upstream's decode for any chunk.
 - The LoRA (peft format: ``adapter_config.json`` + ``pytorch_lora_weights.{safetensors,pt}``) is merged
   into the UNet's weights at load (``W += alpha/r * B @ A``, what peft's ``merge_and_unload`` does), so
   neither peft nor its per-layer adapter hooks are needed at render time.
@@ -70,9 +73,9 @@ def frame_noise(seed: int, frame: int, member: int, shape: tuple[int, ...]) -> n
 class GVM(VideoModel):
     """Params: ``size`` (short side the network sees; None = source size), ``max_size`` (cap on the long
     side), ``pad_multiple`` (32), ``steps`` (1), ``noise`` ("zeros", upstream's one-step default, or
-    "gaussian": flow-matching Euler from seeded noise), ``seed``, ``ensemble`` (members, max taken;
-    gaussian only), ``decode_chunk_size`` (frames the temporal VAE decodes at once), ``low``/``high``
-    (alpha snapped to 0 / 1 beyond these), ``memory`` ("gpu", "model_offload", "group_offload"),
+    "gaussian": flow-matching Euler from seeded noise), ``seed``, ``ensemble`` (members, max taken),
+    ``decode_chunk_size`` (frames the temporal VAE decodes at once), ``low``/``high`` (alpha snapped to
+    0 / 1 beyond these), ``memory`` ("gpu", "model_offload", "group_offload"),
     ``lora`` ("auto": ``unet/adapter_config.json`` when present; a path; or null), ``lora_scale``,
     ``added_time_ids`` (SVD micro-conditioning; ignored by GVM's own UNet)."""
 
@@ -116,8 +119,7 @@ class GVM(VideoModel):
             raise ModelError(f"gvm: need 0 <= low < high <= 1 (got low={low}, high={high})")
         self.size, self.max_size, self.pad_multiple = size, max_size, pad_multiple
         self.steps, self.noise, self.seed = steps, noise, int(seed)
-        # Zero noise makes every member identical (upstream's x3 ensemble is then wasted work).
-        self.ensemble = ensemble if noise == "gaussian" else 1
+        self.ensemble = ensemble
         self.decode_chunk_size, self.low, self.high = decode_chunk_size, float(low), float(high)
         self.memory, self.lora, self.lora_scale = memory, lora, float(lora_scale)
         self.added_time_ids = [float(v) for v in added_time_ids]
@@ -256,11 +258,19 @@ class GVM(VideoModel):
         with torch.inference_mode():
             rgb, crop = self.preprocess(frames)  # [1, T, 3, Hp, Wp] in [-1, 1], pad box
             video_latents = self.encode(rgb)  # [1, T, 4, h, w]
-            alpha = None
-            for member in range(self.ensemble):
-                latents = self.denoise(video_latents, start, member)
-                a = self.decode(latents)  # [T, 1, Hp, Wp] in [0, 1]
-                alpha = a if alpha is None else torch.maximum(alpha, a)
+            if self.noise == "zeros":
+                # Upstream's members are the same latents, so the UNet runs once; its VAE decodes the members'
+                # frames as ONE sequence in decode_chunk_size chunks, so members whose frames straddle a chunk
+                # boundary differ, and the max is taken over them. With a chunk that divides the window they
+                # are identical and ensemble 1 is exact.
+                latents = self.denoise(video_latents, start, 0)
+                members = self.decode(latents.repeat(1, self.ensemble, 1, 1, 1))  # [E*T, 1, Hp, Wp]
+                alpha = members.unflatten(0, (self.ensemble, -1)).amax(dim=0)
+            else:
+                alpha = None
+                for member in range(self.ensemble):
+                    a = self.decode(self.denoise(video_latents, start, member))  # [T, 1, Hp, Wp] in [0, 1]
+                    alpha = a if alpha is None else torch.maximum(alpha, a)
             out = self.postprocess(alpha, crop, frames.shape[1:3])
         return {"alpha": out}, None
 

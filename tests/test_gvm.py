@@ -143,8 +143,28 @@ def test_resize_follows_torchvision_and_upstream_defaults():
     assert resized_size(36, 52, None, None) == (36, 52)
     model = GVM()
     assert (model.size, model.max_size, model.pad_multiple, model.steps, model.noise) == (720, 1024, 32, 1, "zeros")
-    assert GVM(ensemble=3).ensemble == 1  # zero noise: upstream's x3 ensemble would be 3 identical runs
-    assert GVM(ensemble=3, noise="gaussian").ensemble == 3
+    assert GVM().ensemble == 1 and GVM(ensemble=3).ensemble == 3
+
+
+def test_zero_noise_ensemble_decodes_members_as_one_sequence_as_upstream(weights):
+    """Upstream's zero-noise members share their latents; its VAE decodes all members' frames as one
+    sequence in decode_chunk_size chunks, then the max is taken. With 24 frames and chunks of 16 the
+    members' chunk boundaries differ, so ensemble 3 differs from 1; with chunks of 8 (dividing 24) not."""
+    import torch
+
+    frames = np.stack([pattern(t) for t in range(24)])
+    for chunk, differs in ((16, True), (8, False)):
+        one, three = load(weights, decode_chunk_size=chunk), load(weights, decode_chunk_size=chunk, ensemble=3)
+        a1 = one.render(frames, None, None, span=(0, 24))[0]["alpha"]
+        a3 = three.render(frames, None, None, span=(0, 24))[0]["alpha"]
+        with torch.inference_mode():  # upstream's order, written out: 3 members, one decode, max
+            rgb, crop = three.preprocess(frames)
+            latents = three.denoise(three.encode(rgb), 0, 0)
+            seq = three.decode(torch.cat([latents] * 3, dim=1))
+            best = torch.maximum(torch.maximum(seq[:24], seq[24:48]), seq[48:])
+            expected = three.postprocess(best, crop, frames.shape[1:3])
+        assert np.allclose(a3, expected, atol=1e-6)
+        assert (np.abs(a3 - a1).max() > 1e-3) == differs, (chunk, np.abs(a3 - a1).max())
 
 
 def test_gvm_unet_without_added_time_embedding(weights, tmp_path):

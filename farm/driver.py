@@ -27,7 +27,7 @@ from farm.assemble import blend_overlap, commit_output
 from farm.channels import Background, BackgroundError, components, missing_outputs
 from farm.inputs import VideoInput, expand_inputs
 from farm.ledger import Ledger
-from farm.plan import PlanError, Shard, output_pieces, plan_shards, refine_shards
+from farm.plan import PlanError, Shard, output_pieces, plan_shards, refine_shards, resolve_window  # noqa: F401
 from farm.sinks import OutputTarget, SinkError
 from farm.spec import FORMAT_EXT, JobSpec, absolute_local_paths
 from farm.worker import ModelConfig, ModelWorker, ShardTask
@@ -85,18 +85,6 @@ class JobResult:
 
 
 Progress = Callable[[str, dict[str, Any]], None]  # (event, data)
-
-
-def resolve_window(spec: JobSpec, model_cls: type) -> tuple[str, int, int, int]:
-    """(state mode, frames, overlap, preroll): the job's window over the model's defaults."""
-    w, d = spec.window, model_cls.window
-    mode = w.state if w.state != "auto" else d.state
-    frames = w.frames or d.frames
-    overlap = w.overlap if w.overlap is not None else d.overlap
-    if mode == "handoff":
-        overlap = 0  # the state carries the context exactly: overlapping would only render frames twice
-    preroll = w.preroll if mode == "preroll" else 0
-    return mode, frames, overlap, preroll
 
 
 def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:

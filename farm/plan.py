@@ -10,6 +10,7 @@ runs ``preroll`` frames before ``start`` (clamped at frame 0) and discards them,
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 
 class PlanError(ValueError):
@@ -115,3 +116,15 @@ def output_pieces(shards: list[Shard]) -> list[tuple[str, int, int, int]]:
 def refine_shards(shards: list[Shard]) -> list[Shard]:
     """Pass 2 of a two-pass model: the same windows again, as stage 1 (``refine-i`` after ``shard-i``)."""
     return [replace(s, stage=1, preroll=0) for s in shards]
+
+
+def resolve_window(spec: Any, model_cls: Any) -> tuple[str, int, int, int]:
+    """(state mode, frames, overlap, preroll): the job's ``window`` over the model's defaults."""
+    w, d = spec.window, model_cls.window
+    mode = w.state if w.state != "auto" else d.state
+    frames = w.frames or d.frames
+    overlap = w.overlap if w.overlap is not None else d.overlap
+    if mode == "handoff":
+        overlap = 0  # the state carries the context exactly: overlapping would only render frames twice
+    preroll = w.preroll if mode == "preroll" else 0
+    return mode, frames, overlap, preroll

@@ -11,24 +11,21 @@ from __future__ import annotations
 import logging
 import math
 import os
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-from farm import storage
+from farm import intake
 from farm.assemble import blend_overlap, commit_output
-from farm.channels import Background, BackgroundError, missing_outputs
-from farm.errors import one_line
+from farm.channels import missing_outputs
+from farm.errors import JobError, one_line
 from farm.events import EventKind, EventLog, progress_subscriber
-from farm.graph import Kind, build_graph, check_limits, video_shards
-from farm.inputs import expand_inputs
+from farm.graph import Kind
 from farm.ledger import Ledger, ShardRecord, VideoRecord, ledger_root
 from farm.metrics import JobMetrics, LedgerCopy
-from farm.plan import PlanError, resolve_window
-from farm.policy import Failure
-from farm.pool import Beat, Done, Failed, Loaded, LoadFailed, PingFailed, Pool, ensure_ray, failure, run_tasks
+from farm.plan import resolve_window
+from farm.pool import Beat, Done, Failed, Loaded, LoadFailed, PingFailed, Pool, ensure_ray, failure
 from farm.report import RunCounts, write_report
 from farm.schedule import (
     ActorState,
@@ -47,7 +44,7 @@ from farm.schedule import (
 )
 from farm.sinks import SinkError
 from farm.spec import JobSpec, absolute_local_paths
-from farm.video_run import VideoRun, check_plan, make_targets, output_url, shard_task, video_context
+from farm.video_run import VideoRun, check_plan, output_url, shard_task, video_context
 from farm.worker import ModelConfig
 
 log = logging.getLogger("farm")
@@ -55,10 +52,6 @@ NODES_EVERY_S = 5.0  # how often the scheduler learns which nodes are alive (nod
 
 __all__ = ["JobError", "JobResult", "JobRunner", "absolute_local_paths", "ensure_ray", "ledger_root",
            "output_url", "resolve_window", "run_job"]
-
-
-class JobError(RuntimeError):
-    """The job as a whole cannot run (e.g. the model does not load on any actor)."""
 
 
 @dataclass
@@ -150,14 +143,19 @@ class JobRunner:
     def _run(self) -> JobResult:
         t_start = time.time()
         # 1. Inputs, and the ledger's first write: an output prefix that cannot be written stops the job here.
-        errors = self.open_inputs()
+        try:
+            self.videos, errors = intake.open_inputs(self.spec, self.ledger, self.fail_video, self.event)
+        except JobError:
+            self.ledger_copy.enabled = False  # nothing can be written there, the event log neither
+            raise
+        runs = list(self.videos.values())
         # 2. Probe every video (frames, size, limits) and check the backgrounds once.
-        self.probe_all()
-        self.check_backgrounds()
+        intake.probe_all(self.spec, runs, self.fail_video)
+        intake.check_backgrounds(self.spec, runs, self.fail_video)
         # 3. The work graph of every video, saved as the plan.
-        self.build_graphs()
+        intake.build_graphs(self.spec, runs, self.model_cls, self.ledger, self.fail_video)
         # 4. Resume: what the ledger says is done is not rendered again.
-        self.load_done_records()
+        intake.load_done_records(self.spec, runs, self.ledger, self.force, self.event)
         # 5. Render: pool.wait -> schedule -> pool.apply, until every video is committed or failed.
         todo = [r for r in self.videos.values() if r.status == "waiting"]
         passes = self.model_cls.passes  # the bar counts frames rendered, once per pass
@@ -170,102 +168,6 @@ class JobRunner:
         url = self.ledger.write_manifest(manifest)
         self.event(EventKind.FINISH, **manifest)
         return JobResult(self.spec.job_id, manifest, url)
-
-    def open_inputs(self) -> list[str]:
-        videos, errors = expand_inputs(self.spec.inputs, self.so)
-        try:
-            self.ledger.write_spec(self.spec.public_dict())
-        except storage.StorageError as e:
-            self.ledger_copy.enabled = False
-            prefix = storage.redact(storage.static_prefix(self.spec.output.uri), self.so)
-            line = one_line(e, self.so)
-            errno_text = re.search(r"\[Errno \d+\] ([^:]+)", line)  # "No such file or directory"
-            reason = errno_text.group(1) if errno_text else line
-            raise JobError(f"output.uri: cannot write under {prefix} ({reason})") from None
-        for line in errors:
-            self.event(EventKind.INPUT_ERROR, error=line)
-        seen_outputs: dict[str, str] = {}
-        for v in videos:
-            run = self.videos[v.key] = VideoRun(v)
-            first = output_url(self.spec, v, self.spec.output.channels[0])
-            if first in seen_outputs:
-                self.fail_video(run, f"{v.url}: output {first} is also the output of {seen_outputs[first]} (same stem)")
-            seen_outputs[first] = v.url
-        return errors
-
-    def probe_all(self) -> None:
-        from farm.video import probe
-
-        runs = [r for r in self.videos.values() if r.status == "waiting"]
-        calls = [(f"{self.spec.job_id}/{r.key}/probe", (r.input.url, self.so)) for r in runs]
-        lim = self.spec.limits
-        for run, info in zip(runs, run_tasks(probe, calls, self.so), strict=True):
-            if isinstance(info, Failure):
-                self.fail_video(run, info.message)
-                continue
-            run.info = info
-            refused = check_limits(run.input.url, info.frame_count, info.width, info.height, lim.max_frames,
-                                   lim.max_pixels)
-            if refused:
-                self.fail_video(run, refused)
-
-    def check_backgrounds(self) -> None:
-        """A background image/video that cannot be read fails its videos now, not shard by shard."""
-        from farm.video_run import background_of
-
-        if "comp" not in self.spec.output.channels:
-            return
-        seen: dict[str, str | None] = {}
-        for run in self.videos.values():
-            bg = background_of(self.spec, run)
-            if run.status != "waiting" or not isinstance(bg, str):
-                continue
-            if bg not in seen:
-                try:
-                    Background(bg, 1, 1, self.so).close()
-                    seen[bg] = None
-                except BackgroundError as e:
-                    seen[bg] = storage.redact(str(e), self.so)
-            if seen[bg]:
-                self.fail_video(run, f"{run.input.url}: {seen[bg]}")
-
-    def build_graphs(self) -> None:
-        plan_doc = {}
-        channels = list(self.spec.output.channels)
-        for run in self.videos.values():
-            if run.status != "waiting":
-                continue
-            try:
-                p = self.model_cls.passes
-                run.shards = video_shards(run.key, run.info.frame_count, self.frames, self.overlap, self.preroll, p)
-                run.units = build_graph(run.key, run.shards, self.mode, p, channels)
-            except PlanError as e:
-                self.fail_video(run, f"{run.input.url}: {e}")
-                continue
-            make_targets(self.spec, run, self.ledger)
-            plan_doc[run.key] = {"url": run.input.url, "shards": [s.to_dict() for s in run.shards]}
-        self.ledger.write_plan({"mode": self.mode, "videos": plan_doc})
-
-    def load_done_records(self) -> None:
-        """Resume: finished videos are skipped; finished shards of unfinished videos are not rendered again."""
-        from farm.manifest_inputs import input_fingerprint
-
-        for run in self.videos.values():
-            if run.status != "waiting":
-                continue
-            run.fingerprint = input_fingerprint(run.input.url, self.so, run.input.params)
-            done = self.ledger.read_video(run.key)
-            if done and done.input != run.fingerprint:
-                done = None  # the input changed since it was rendered (or was never fingerprinted)
-            if done and not self.force and all(storage.exists(o["url"], self.so) for o in done.outputs.values()):
-                run.status, run.outputs, run.seconds = "skipped", done.outputs, 0.0
-                continue
-            records = {} if self.force else self.ledger.shard_records(run.key)
-            for i, rec in sorted(records.items()):
-                if i < len(run.shards) and rec.shard == run.shards[i].to_dict() and rec.input == run.fingerprint:
-                    run.add_record(i, rec)
-            if run.records:
-                self.event(EventKind.RESUMED, video=run.key, shards_done=sorted(run.records))
 
     # ---- rendering: the loop ----------------------------------------------------------------
 

@@ -14,6 +14,10 @@ _OWN_WORDS = ("ModelError", "JobError")  # and their subclasses
 _OWN_EXACT = ("VideoError", "StorageError", "SinkError")
 
 
+class JobError(RuntimeError):
+    """The job as a whole cannot run (e.g. the model does not load on any actor)."""
+
+
 def cause(e: BaseException) -> BaseException:
     """The error a Ray task raised, unwrapped from Ray's ``RayTaskError`` (else ``e``)."""
     return getattr(e, "cause", None) or e

@@ -161,9 +161,9 @@ def submit(
     except Exception as e:  # one line, never a traceback, unless --debug
         if ctx.obj["debug"]:
             raise
-        from farm.storage import redact
+        from farm.errors import one_line
 
-        _fail(redact(f"{e.__class__.__name__}: {e}".splitlines()[0], spec.storage_options), EXIT_FAILED)
+        _fail(one_line(e, spec.storage_options), EXIT_FAILED)
     m = result.manifest
     if as_json:
         doc = {**m, "manifest_url": result.manifest_url, "report_url": result.report_url}

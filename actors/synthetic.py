@@ -3,13 +3,14 @@
 It inverts the frames (so outputs are checkable) and can: sleep a fixed time per frame without using
 the CPU (orchestration benchmarks), carry a running frame counter as state (handoff checks), and fail
 on purpose — on given shards' frames, on one actor, with a simulated GPU out-of-memory above a batch
-size, or slowly on one actor (straggler tests). Actors are told apart by ``FARM_ACTOR_SLOT``, which
-the driver sets in each actor's environment.
+size, or slowly on one actor (straggler tests). Actors are told apart by their pool slot, read from
+the Ray actor name the driver gives each actor (``<job>/actor-<slot>``).
 """
 
 from __future__ import annotations
 
 import os
+import re
 import time
 from typing import Any, ClassVar
 
@@ -63,8 +64,13 @@ class SyntheticModel(VideoModel):
 
     @staticmethod
     def slot() -> int | None:
-        value = os.environ.get("FARM_ACTOR_SLOT")
-        return int(value) if value is not None else None
+        """The pool slot of the actor this runs in, from its Ray actor name (``<job>/actor-<slot>[-r<n>]``)."""
+        import sys
+
+        ray = sys.modules.get("ray")  # only inside a Ray worker: in-process use has no slot
+        name = ray.get_runtime_context().get_actor_name() if ray is not None and ray.is_initialized() else None
+        m = re.search(r"/actor-(\d+)", name or "")
+        return int(m.group(1)) if m else None
 
     def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
         if self.bad_input:

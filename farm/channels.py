@@ -6,6 +6,7 @@ from typing import Any
 
 import numpy as np
 
+from farm.errors import one_line
 from farm.video import IMAGE_SUFFIXES, VideoError, read_image
 
 # channel -> (model outputs it needs, components)
@@ -62,7 +63,8 @@ class Background:
             try:
                 self._frames = probe(source, self.so).frame_count
             except Exception as e:  # noqa: BLE001 - any failure to open it is the same input error
-                raise BackgroundError(f"output.background {source!r}: cannot read ({_first_line(e)})") from None
+                why = one_line(e, named=False)
+                raise BackgroundError(f"output.background {source!r}: cannot read ({why})") from None
             if self._frames < 1:
                 raise BackgroundError(f"output.background {source!r}: has no video frames")
 
@@ -97,10 +99,6 @@ class Background:
             self._reader.close()
             self._reader = None
 
-
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 def channel_frames(

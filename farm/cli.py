@@ -55,55 +55,74 @@ def validate(job: str, as_json: bool) -> None:
 @click.argument("job", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True)
 def plan(job: str, as_json: bool) -> None:
-    """Dry run: probe the inputs and print the shards of every video."""
-    from rich.console import Console
-    from rich.table import Table
+    """Dry run: probe the inputs and print the work graph of every video (the units a run runs)."""
 
     from actors import load_model_class
+    from farm.graph import build_graph, check_limits, video_shards
     from farm.inputs import expand_inputs
-    from farm.plan import PlanError, plan_shards, resolve_window
+    from farm.plan import PlanError, resolve_window
     from farm.video import VideoError, probe
 
     spec = _load(job)
-    mode, frames, overlap, preroll = resolve_window(spec.window, load_model_class(spec.model.name).window)
+    model_cls = load_model_class(spec.model.name)
+    mode, frames, overlap, preroll = resolve_window(spec.window, model_cls.window)
+    channels = list(spec.output.channels)
     videos, errors = expand_inputs(spec.inputs, spec.storage_options)
-    doc: dict[str, Any] = {"job": spec.job_id, "mode": mode, "videos": {}, "errors": list(errors)}
-    for v in videos:
+    doc: dict[str, Any] = {"job": spec.job_id, "mode": mode, "passes": model_cls.passes, "videos": {},
+                           "errors": list(errors)}
+    for v in videos:  # the graph run_job runs: the same shards, refine units, blends, commits and limits
         try:
             info = probe(v.url, spec.storage_options)
-            shards = plan_shards(v.key, info.frame_count, frames, overlap, preroll)
+            refused = check_limits(v.url, info.frame_count, info.width, info.height, spec.limits.max_frames,
+                                   spec.limits.max_pixels)
+            if refused:
+                doc["errors"].append(refused)
+                continue
+            shards = video_shards(v.key, info.frame_count, frames, overlap, preroll, model_cls.passes)
+            units = build_graph(v.key, shards, mode, model_cls.passes, channels)
             doc["videos"][v.url] = {
                 "frames": info.frame_count,
                 "fps": str(info.fps),
                 "size": [info.width, info.height],
                 "shards": [s.to_dict() for s in shards],
+                "units": [u.to_dict() for u in units],
             }
         except (VideoError, PlanError) as e:
             doc["errors"].append(f"{v.url}: {e}")
     if as_json:
         click.echo(json.dumps(doc, indent=2))
-        return
-    console = Console()
-    console.print(
-        f"job {spec.job_id}: model {spec.model.name}, state {mode}, window {frames} "
-        f"frames, overlap {overlap}" + (f", preroll {preroll}" if preroll else "")
-    )
-    for url, v in doc["videos"].items():
-        table = Table(title=f"{url} ({v['frames']} frames, {v['fps']} fps, {v['size'][0]}x{v['size'][1]})")
-        for col in ("shard", "frames", "core", "preroll"):
-            table.add_column(col)
-        for s in v["shards"]:
-            table.add_row(
-                f"shard-{s['index']:04d}",
-                f"[{s['start']}, {s['stop']})",
-                f"[{s['core_start']}, {s['core_stop']})",
-                str(s["preroll"]),
-            )
-        console.print(table)
+    else:
+        _print_plan(doc, spec, frames, overlap, preroll)
     for line in doc["errors"]:
         click.echo(f"farm: {line}", err=True)
     if doc["errors"]:
         sys.exit(EXIT_FAILED)
+
+
+def _print_plan(doc: dict[str, Any], spec: Any, frames: int, overlap: int, preroll: int) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    lim = spec.limits
+    limits = ", ".join(f"{k} {v}" for k, v in (("max_frames", lim.max_frames), ("max_pixels", lim.max_pixels)) if v)
+    console.print(
+        f"job {spec.job_id}: model {spec.model.name}, state {doc['mode']}, window {frames} "
+        f"frames, overlap {overlap}" + (f", preroll {preroll}" if preroll else "")
+        + (f", {doc['passes']} passes" if doc["passes"] > 1 else "") + (f", limits {limits}" if limits else "")
+    )
+    for url, v in doc["videos"].items():
+        table = Table(title=f"{url} ({v['frames']} frames, {v['fps']} fps, {v['size'][0]}x{v['size'][1]})")
+        for col in ("unit", "frames", "core", "preroll", "needs"):
+            table.add_column(col)
+        shards = {s["index"] + (len(v["shards"]) // doc["passes"] if s["stage"] else 0): s for s in v["shards"]}
+        for u in v["units"]:
+            s = shards.get(u["shard"]) if u["kind"] in ("render", "refine") else None
+            span = f"[{u['frames'][0]}, {u['frames'][1]})" if u["frames"] else ""
+            core = f"[{s['core_start']}, {s['core_stop']})" if s else ""
+            needs = ", ".join(u["needs"]) if len(u["needs"]) <= 4 else f"{len(u['needs'])} units"
+            table.add_row(u["id"], span, core, str(s["preroll"]) if s else "", needs)
+        console.print(table)
 
 
 @main.command()
@@ -142,9 +161,9 @@ def submit(
     except Exception as e:  # one line, never a traceback, unless --debug
         if ctx.obj["debug"]:
             raise
-        from farm.storage import redact
+        from farm.errors import one_line
 
-        _fail(redact(f"{e.__class__.__name__}: {e}".splitlines()[0], spec.storage_options), EXIT_FAILED)
+        _fail(one_line(e, spec.storage_options), EXIT_FAILED)
     m = result.manifest
     if as_json:
         doc = {**m, "manifest_url": result.manifest_url, "report_url": result.report_url}

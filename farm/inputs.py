@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-import hashlib
 import posixpath
 import re
 from dataclasses import dataclass, field
 from typing import Any
+
+from farm.digest import short_sha256
 
 GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -20,7 +21,7 @@ class VideoInput:
 
 
 def video_key(url: str, stem: str) -> str:
-    return f"{_safe(stem)}-{hashlib.sha256(url.encode()).hexdigest()[:8]}"
+    return f"{_safe(stem)}-{short_sha256(url, 8)}"
 
 
 def _safe(name: str) -> str:

@@ -1,26 +1,27 @@
 """A job's plan and progress, kept next to its output as small atomically written files (the av1an way).
 
-Layout under ``<static output prefix>/.farm/<job-id>/``::
+The ledger owns every path under ``<static output prefix>/.farm/<job-id>/``; the driver and the workers
+ask it for them::
 
     spec.json, plan.json             what was asked and how it was split
-    shards/<video>/shard-0003.json   one done-marker per finished shard (segment URLs, checksums, state URL)
+    shards/<video>/shard-0003.json   one done-marker per finished shard (a ShardRecord)
     state/<video>/shard-0003.npz     recurrent state handed to the next shard, so a resumed chain continues
-    parts/<video>/<name>             segments and overlap pieces before assembly
-    events/<time>-<pid>-<rand>.json  one small record per event (never appended in place: object stores
-                                     cannot append, and concurrent writers must not overwrite each other)
+    pass1/<video>/shard-0003.npz     a two-pass model's pass-1 output of a shard, read by pass 2
+    parts/<video>/<channel>/...      segments and overlap pieces before assembly
+    videos/<video>.json              a committed video's outputs (a VideoRecord): resume skips it
+    events.json                      the run's event log, rewritten as it grows (``farm status`` reads it)
     manifest.json                    written last: its presence means the job finished
 
-Resume reads the shard markers in one listing and skips what is done.
+Resume reads the shard markers in one listing and skips what is done. State and pass-1 files load only
+from inside the ledger and never with pickle.
 """
 
 from __future__ import annotations
 
 import io
 import json
-import os
 import re
-import time
-import uuid
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
 import numpy as np
@@ -28,7 +29,48 @@ import numpy as np
 from farm import storage
 
 LEDGER_DIR = ".farm"
+EVENTS = "events.json"
 _SHARD_FILE = re.compile(r"^shard-(\d+)\.json$")
+
+
+def ledger_root(spec: Any) -> str:
+    """The ledger folder of a job spec: ``<static prefix of output.uri>/.farm/<job id>``."""
+    return storage.join(storage.static_prefix(spec.output.uri), LEDGER_DIR, spec.job_id)
+
+
+@dataclass
+class ShardRecord:
+    """What a finished shard left behind: its segments and overlap frames per channel, and its state."""
+
+    shard: dict[str, Any]  # the plan's Shard, as a dict: a record of another plan is not reused
+    channels: dict[str, dict[str, Any]]  # channel -> {"core": piece, "head": npz URL, "tail": npz URL}
+    seconds: float = 0.0
+    rendered_frames: int = 0
+    worker: dict[str, Any] = field(default_factory=dict)  # host, pid, node
+    state_url: str | None = None  # the state handed to the next shard
+    previous: str | None = None  # two-pass models: this shard's pass-1 output
+    oom_splits: list[int] | None = None  # batch sizes that ran out of memory and were halved
+    input: str | None = None  # the input's fingerprint when rendered: a changed input is rendered again
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
+        return cls(**{f.name: d[f.name] for f in fields(cls) if f.name in d})
+
+    def to_dict(self) -> dict[str, Any]:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class VideoRecord:
+    """A committed video: its outputs per channel and the input fingerprint they were rendered from."""
+
+    url: str
+    outputs: dict[str, dict[str, Any]]
+    input: str | None = None
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> VideoRecord:
+        return cls(d["url"], d.get("outputs") or {}, d.get("input"))
 
 
 class Ledger:
@@ -103,10 +145,11 @@ class Ledger:
     def _video_dir(self, kind: str, video_key: str) -> str:
         return storage.safe_join(storage.join(self.root, kind), video_key)
 
-    def mark_shard_done(self, video_key: str, index: int, record: dict[str, Any]) -> str:
-        """Atomically record shard ``index`` of ``video_key`` as finished; ``record`` is stored as given."""
+    def mark_shard_done(self, video_key: str, index: int, record: ShardRecord | dict[str, Any]) -> str:
+        """Atomically record shard ``index`` of ``video_key`` as finished."""
         url = storage.join(self._video_dir("shards", video_key), f"{self._shard_name(index)}.json")
-        data = json.dumps(record, indent=1, sort_keys=True, allow_nan=False).encode()
+        doc = record.to_dict() if isinstance(record, ShardRecord) else record
+        data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode()
         return storage.write_bytes_atomic(url, data, self.storage_options)
 
     def done_shards(self, video_key: str) -> dict[int, dict[str, Any]]:
@@ -121,40 +164,67 @@ class Ledger:
         blobs = storage.read_many(list(urls), self.storage_options)
         return {urls[u]: json.loads(blobs[u]) for u in sorted(urls, key=urls.__getitem__)}
 
-    def write_state(self, video_key: str, index: int, state: dict[str, np.ndarray]) -> str:
-        """Save shard ``index``'s outgoing state as npz (plain arrays only: it loads without pickle)."""
-        arrays = {}
-        for k, v in state.items():
+    def shard_records(self, video_key: str) -> dict[int, ShardRecord]:
+        """``done_shards`` as typed records."""
+        return {i: ShardRecord.from_dict(d) for i, d in self.done_shards(video_key).items()}
+
+    def _arrays_url(self, kind: str, video_key: str, name: int | str) -> str:
+        name = self._shard_name(name) if isinstance(name, int) else name
+        return storage.safe_join(self._video_dir(kind, video_key), f"{name}.npz")
+
+    def write_arrays(self, url: str, arrays: dict[str, Any]) -> str:
+        """npz of plain arrays only, so it loads without pickle; ``url`` must be inside this ledger."""
+        storage.check_inside(self.root, url)
+        out = {}
+        for k, v in arrays.items():
             a = np.asarray(v)
             if a.dtype.hasobject:
                 raise ValueError(f"state {k!r}: object arrays cannot be stored (they would need pickle)")
-            arrays[k] = a
+            out[k] = a
         buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        url = storage.join(self._video_dir("state", video_key), f"{self._shard_name(index)}.npz")
+        np.savez(buf, **out)
         return storage.write_bytes_atomic(url, buf.getvalue(), self.storage_options)
 
-    def read_state(self, url: str) -> dict[str, np.ndarray]:
-        """Load a state saved by ``write_state`` (only from inside this ledger, never with pickle)."""
+    def read_arrays(self, url: str) -> dict[str, np.ndarray]:
+        """Load arrays saved by the ledger (state, pass 1, overlap frames): only from inside this ledger,
+        never with pickle."""
         storage.check_inside(self.root, url)
         with np.load(io.BytesIO(storage.read_bytes(url, self.storage_options)), allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
+
+    def write_state(self, video_key: str, shard: int | str, state: dict[str, Any]) -> str:
+        """Save a shard's outgoing state (``shard``: its index, or its name such as ``refine-0002``)."""
+        return self.write_arrays(self._arrays_url("state", video_key, shard), state)
+
+    read_state = read_arrays
+
+    def write_pass1(self, video_key: str, name: str, arrays: dict[str, Any]) -> str:
+        """Save a two-pass model's pass-1 output of one shard attempt (``name``: shard name and copy tag)."""
+        return self.write_arrays(self._arrays_url("pass1", video_key, name), arrays)
 
     def part_url(self, video_key: str, name: str) -> str:
         """Where shards put their segments and overlap pieces: ``parts/<video_key>/<name>``."""
         return storage.safe_join(self._video_dir("parts", video_key), name)
 
+    def parts_url(self, video_key: str, channel: str) -> str:
+        """The folder of one channel's pieces of a video: ``parts/<video_key>/<channel>``."""
+        return self.part_url(video_key, channel)
+
+    # ---- videos ----------------------------------------------------------------------------------
+
+    def write_video(self, video_key: str, record: VideoRecord) -> str:
+        return self.write_json(f"videos/{video_key}.json", asdict(record))
+
+    def read_video(self, video_key: str) -> VideoRecord | None:
+        doc = self.read_json(f"videos/{video_key}.json")
+        return VideoRecord.from_dict(doc) if doc else None
+
     # ---- events ----------------------------------------------------------------------------------
 
-    def append_event(self, event: dict[str, Any]) -> str:
-        """One small JSON object per event, named so that names sort by time across writers."""
-        event = {"time": time.time(), **event}
-        name = f"{time.time_ns():020d}-{os.getpid()}-{uuid.uuid4().hex[:8]}.json"
-        return self.write_json(f"events/{name}", event)
+    def write_events(self, events: list[dict[str, Any]]) -> str:
+        """The run's event log, replaced whole (object stores cannot append)."""
+        return self.write_json(EVENTS, events)
 
     def read_events(self) -> list[dict[str, Any]]:
-        """All events in time order (by name)."""
-        urls = storage.list_files(storage.join(self.root, "events"), self.storage_options)
-        urls = [u for u in urls if u.endswith(".json")]
-        blobs = storage.read_many(urls, self.storage_options)
-        return [json.loads(blobs[u]) for u in sorted(urls)]
+        """The last run's events in order (empty before a run wrote any)."""
+        return self.read_json(EVENTS, [])

@@ -8,7 +8,6 @@ relative to the table's own folder, so a manifest can travel with its clips. Emp
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -16,6 +15,7 @@ import posixpath
 from typing import Any
 
 from farm import storage
+from farm.digest import short_sha256
 
 MANIFEST_EXTS = (".csv", ".parquet")
 
@@ -107,5 +107,5 @@ def input_fingerprint(
         tag = tag.isoformat()
     fp = f"{size}:{str(tag).strip(chr(34))}"
     if params:
-        fp += ":" + hashlib.sha256(json.dumps(params, sort_keys=True, default=str).encode()).hexdigest()[:10]
+        fp += ":" + short_sha256(json.dumps(params, sort_keys=True, default=str), 10)
     return fp

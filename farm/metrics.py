@@ -1,34 +1,35 @@
-"""Job metrics through ``ray.util.metrics``: they show in the Ray dashboard and its Prometheus endpoint.
+"""Side channels of the run's event log: job metrics through ``ray.util.metrics`` and the ledger's copy.
 
-Fed by the driver's events (``JobRunner.event``), never by the workers, so a metric counts exactly what
-the ledger records. Every metric is tagged by ``job`` and ``model``; Prometheus names carry Ray's
-``ray_`` prefix (``farm_frames_rendered`` is scraped as ``ray_farm_frames_rendered``).
+Metrics show in the Ray dashboard and its Prometheus endpoint. They are fed by the driver's events
+(``farm.events``), never by the workers, so a metric counts exactly what the ledger records. Every
+metric is tagged by ``job`` and ``model``; Prometheus names carry Ray's ``ray_`` prefix
+(``farm_frames_rendered`` is scraped as ``ray_farm_frames_rendered``).
 
-Metrics and the ledger's failure events are side channels: an error in them is logged, never raised
-into the job.
+Both are side channels: an error in them is logged, never raised into the job.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+import time
 from typing import Any
+
+from farm.events import FAILURE_KINDS, Event, EventKind, EventLog
 
 log = logging.getLogger("farm")
 
-Progress = Callable[[str, dict[str, Any]], None]
 TAGS = ("job", "model")
 SECONDS_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
 
 
 class JobMetrics:
-    """One job's metrics; ``on_event`` is a progress listener."""
+    """One job's metrics; ``on_event`` subscribes to the run's event log."""
 
-    def __init__(self, runner: Any) -> None:
+    def __init__(self, job_id: str, model: str, storage_options: dict[str, Any]) -> None:
         from ray.util.metrics import Counter, Gauge, Histogram
 
-        self.runner = runner
-        self.tags = {"job": runner.spec.job_id, "model": runner.spec.model.name}
+        self.tags = {"job": job_id, "model": model}
+        self.so = storage_options
 
         def counter(name: str, doc: str) -> Counter:
             return Counter(name, description=doc, tag_keys=TAGS)
@@ -51,94 +52,74 @@ class JobMetrics:
                                    tag_keys=TAGS)
         self.actors = 0
         self.in_flight = 0
+        self.shards_left: dict[str, int] = {}  # video -> shards not done, of the videos still running
 
-    def on_event(self, kind: str, e: dict[str, Any]) -> None:
-        t = self.tags
-        if kind == "actor_ready":
+    def on_event(self, event: Event) -> None:
+        kind, e, t = event.kind, event.data, self.tags
+        if kind == EventKind.START:
+            self.shards_left = dict(e.get("shards", {}))
+        elif kind == EventKind.ACTOR_READY:
             self.actors += 1
             self.active_actors.set(self.actors, t)
             if e.get("load_seconds") is not None:
                 self.load_seconds.set(float(e["load_seconds"]), t)
-        elif kind == "actor_retired":
+        elif kind == EventKind.ACTOR_RETIRED:
             self.actors = max(0, self.actors - 1)
             self.active_actors.set(self.actors, t)
-        elif kind == "shard_dispatched":
+        elif kind == EventKind.SHARD_DISPATCHED:
             self.in_flight += 1
             if e.get("attempt", 1) > 1:
                 self.shards_retried.inc(1, t)
-        elif kind == "shard_done":
+        elif kind == EventKind.SHARD_DONE:
             self.in_flight = max(0, self.in_flight - 1)
+            if e["video"] in self.shards_left:
+                self.shards_left[e["video"]] -= 1
             self.frames.inc(int(e["frames"]), t)
             self.shards_done.inc(1, t)
             self.shard_seconds.observe(float(e["seconds"]), t)
-        elif kind == "shard_failed":
+        elif kind == EventKind.SHARD_FAILED:
             self.in_flight = max(0, self.in_flight - 1)
             self.shards_failed.inc(1, t)
-        elif kind == "video_done":
+        elif kind == EventKind.VIDEO_DONE:
             self.videos_done.inc(1, t)
-            self.bytes_written.inc(self._output_bytes(e["video"]), t)
-        elif kind == "video_failed":
+            self.bytes_written.inc(self._output_bytes(e.get("outputs", [])), t)
+        elif kind == EventKind.VIDEO_FAILED:
+            self.shards_left.pop(e.get("video"), None)
             self.videos_failed.inc(1, t)
-        if kind == "finish":
+        if kind == EventKind.FINISH:
             self.actors = 0
             self.active_actors.set(0, t)
             self.queue_depth.set(0, t)
-        elif kind in ("start", "shard_dispatched", "shard_done", "shard_failed", "video_failed"):
-            self.queue_depth.set(self._queue_depth(), t)
+        elif kind in (EventKind.START, EventKind.SHARD_DISPATCHED, EventKind.SHARD_DONE, EventKind.SHARD_FAILED,
+                      EventKind.VIDEO_FAILED):
+            self.queue_depth.set(max(0, sum(self.shards_left.values()) - self.in_flight), t)
 
-    def _queue_depth(self) -> int:
-        left = sum(
-            len(r.shards) - len(r.records) for r in self.runner.videos.values() if r.status in ("waiting", "running")
-        )
-        return max(0, left - self.in_flight)
-
-    def _output_bytes(self, video_key: str) -> int:
+    def _output_bytes(self, urls: list[str]) -> int:
         import fsspec
 
-        run = self.runner.videos.get(video_key)
         total = 0
-        for out in (run.outputs.values() if run else ()):
-            url = out.get("url")
-            if not url:
-                continue
+        for url in urls:
             try:
-                fs, path = fsspec.core.url_to_fs(url, **self.runner.so)
+                fs, path = fsspec.core.url_to_fs(url, **self.so)
                 total += sum(fs.du(path, total=False).values()) if fs.isdir(path) else fs.size(path)
             except Exception:  # a metric must not fail the job
                 continue
         return int(total)
 
 
-class LedgerEvents:
-    """Failure events into the ledger (``events/``), so ``farm status JOB.yaml`` can count them mid-run."""
+class LedgerCopy:
+    """Keeps ``events.json`` in the ledger equal to the log: rewritten after a failure event (at most once a
+    second, so ``farm status JOB.yaml`` counts failures mid-run) and by ``flush`` at the end of the run."""
 
-    KINDS = ("shard_failed", "video_failed", "input_error", "actor_retired")
+    def __init__(self, ledger: Any, log: EventLog, every_s: float = 1.0) -> None:
+        self.ledger, self.log, self.every_s = ledger, log, every_s
+        self.written, self.pending, self.enabled = 0.0, False, True
 
-    def __init__(self, runner: Any) -> None:
-        self.runner = runner
+    def on_event(self, event: Event) -> None:
+        self.pending = self.pending or event.kind in FAILURE_KINDS
+        if self.enabled and self.pending and time.monotonic() - self.written >= self.every_s:
+            self.flush()
 
-    def on_event(self, kind: str, e: dict[str, Any]) -> None:
-        if kind in self.KINDS and getattr(self.runner, "ledger", None) is not None:
-            self.runner.ledger.append_event(e)
-
-
-def with_listeners(runner: Any, progress: Progress | None) -> Progress:
-    """The runner's progress callback, followed by the metrics and ledger-event listeners."""
-    listeners: list[Progress] = [progress] if progress else []
-    side: list[Progress] = []
-    try:
-        side.append(JobMetrics(runner).on_event)
-    except Exception as exc:  # e.g. Ray not initialized: the job still runs
-        log.warning("farm: metrics disabled (%s)", exc)
-    side.append(LedgerEvents(runner).on_event)
-
-    def tee(kind: str, data: dict[str, Any]) -> None:
-        for fn in listeners:
-            fn(kind, data)
-        for fn in side:
-            try:
-                fn(kind, data)
-            except Exception as exc:
-                log.warning("farm: %s listener failed on %s: %s", getattr(fn, "__qualname__", fn), kind, exc)
-
-    return tee
+    def flush(self) -> None:
+        self.ledger.write_events(self.log.events)
+        self.written, self.pending = time.monotonic(), False

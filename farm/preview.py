@@ -186,7 +186,7 @@ def find_manifest(target: str) -> tuple[str, dict[str, Any], dict[str, Any]]:
     """``(manifest URL, manifest, storage options)`` for a manifest URL or a job YAML."""
     so: dict[str, Any] = {}
     if target.endswith((".yaml", ".yml")):
-        from farm.driver import ledger_root
+        from farm.ledger import ledger_root
         from farm.spec import absolute_local_paths, load_spec
 
         spec = absolute_local_paths(load_spec(target))  # SpecError for a bad file: the caller says so

@@ -12,17 +12,30 @@ from collections import Counter
 from typing import Any
 
 from farm import storage
+from farm.events import Event, EventKind
+from farm.ledger import Ledger, ledger_root
 
 REPORT_NAME = "report.parquet"
 
 
-def report_rows(runner: Any, result: Any) -> list[dict[str, Any]]:
+class RunCounts:
+    """Per video, the shards dispatched and the shard attempts failed: subscribes to the run's event log."""
+
+    def __init__(self) -> None:
+        self.dispatched: Counter[str] = Counter()
+        self.failed: Counter[str] = Counter()
+
+    def on_event(self, event: Event) -> None:
+        if event.kind == EventKind.SHARD_DISPATCHED:
+            self.dispatched[event.data["video"]] += 1
+        elif event.kind == EventKind.SHARD_FAILED:
+            self.failed[event.data["video"]] += 1
+
+
+def report_rows(result: Any, counts: RunCounts, fingerprints: dict[str, str | None]) -> list[dict[str, Any]]:
     """One row per video of the run: url, status, error, frames, seconds, fps, outputs, shards dispatched."""
-    dispatched = Counter(e["video"] for e in runner.events if e["event"] == "shard_dispatched")
-    failed = Counter(e["video"] for e in runner.events if e["event"] == "shard_failed")
     rows = []
     for key, v in result.manifest["videos"].items():
-        run = runner.videos.get(key)
         frames = v["frames"]
         seconds = float(v["seconds"] or 0.0)
         rendered = v["status"] == "succeeded" and frames and seconds > 0
@@ -37,16 +50,16 @@ def report_rows(runner: Any, result: Any) -> list[dict[str, Any]]:
                 "fps": round(frames / seconds, 3) if rendered else None,  # render speed, frames per second
                 "source_fps": v["fps"],
                 "shards": v["shards"],
-                "shards_dispatched": dispatched.get(key, 0),
-                "shards_failed": failed.get(key, 0),
+                "shards_dispatched": counts.dispatched.get(key, 0),
+                "shards_failed": counts.failed.get(key, 0),
                 "outputs": sorted(o["url"] for o in v["outputs"].values() if o.get("url")),
-                "input_fingerprint": run.fingerprint if run else None,
+                "input_fingerprint": fingerprints.get(key),
             }
         )
     return rows
 
 
-def write_report(runner: Any, result: Any) -> str:
+def write_report(ledger: Ledger, result: Any, counts: RunCounts, fingerprints: dict[str, str | None]) -> str:
     """Write ``report.parquet`` next to ``manifest.json`` (atomically) and return its URL."""
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -68,11 +81,11 @@ def write_report(runner: Any, result: Any) -> str:
             ("input_fingerprint", pa.string()),
         ]
     )
-    table = pa.Table.from_pylist(report_rows(runner, result), schema=schema)
+    table = pa.Table.from_pylist(report_rows(result, counts, fingerprints), schema=schema)
     table = table.replace_schema_metadata({"job": result.job_id, "manifest": result.manifest_url})
     buf = io.BytesIO()
     pq.write_table(table, buf)
-    return storage.write_bytes_atomic(runner.ledger.url(REPORT_NAME), buf.getvalue(), runner.ledger.storage_options)
+    return storage.write_bytes_atomic(ledger.url(REPORT_NAME), buf.getvalue(), ledger.storage_options)
 
 
 def read_report(url: str, storage_options: dict[str, Any] | None = None) -> list[dict[str, Any]]:
@@ -109,8 +122,6 @@ def count_frames_done(shards: list[dict[str, Any]], done: set[int], finished: bo
 
 def ledger_status(spec: Any) -> dict[str, Any]:
     """Per video: shards done/total, frames, failures, status; read from the job's ledger in storage."""
-    from farm.driver import ledger_root
-    from farm.ledger import Ledger
     from farm.spec import absolute_local_paths
 
     spec = absolute_local_paths(spec)  # the job id is computed from absolute local paths, as run_job does
@@ -121,16 +132,13 @@ def ledger_status(spec: Any) -> dict[str, Any]:
         doc.update(state="not started", videos={})
         return doc
     manifest = ledger.read_manifest()
-    try:
-        events = ledger.read_events()
-    except storage.StorageNotFound:
-        events = []
+    events = ledger.read_events()
     failures = Counter(e.get("video") for e in events if e.get("event") == "shard_failed")
     videos = {}
     for key, p in plan["videos"].items():
         done = ledger.done_shards(key)
         shards = p["shards"]
-        record = ledger.read_json(f"videos/{key}.json")
+        record = ledger.read_video(key)
         frames_done = count_frames_done(shards, done, finished=bool(record))
         m = (manifest or {}).get("videos", {}).get(key, {})
         if record:
@@ -148,7 +156,7 @@ def ledger_status(spec: Any) -> dict[str, Any]:
             "frames": shards[-1]["stop"] if shards else 0,
             "failures": failures.get(key, 0),
             "error": m.get("error"),
-            "outputs": [o["url"] for o in (record or {}).get("outputs", {}).values()],
+            "outputs": [o["url"] for o in record.outputs.values()] if record else [],
         }
     for key, m in ((manifest or {}).get("videos") or {}).items():  # failed before planning (probe errors)
         if key not in videos:

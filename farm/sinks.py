@@ -8,7 +8,6 @@ one thing that differs: how a piece is encoded (and, for videos, how pieces beco
 
 from __future__ import annotations
 
-import hashlib
 import io
 import os
 import posixpath
@@ -20,6 +19,7 @@ from typing import Any
 import numpy as np
 
 from farm import storage
+from farm.digest import sha256_file
 
 
 class SinkError(RuntimeError):
@@ -130,7 +130,7 @@ class _SegmentPiece(Piece):
             if (got.width, got.height) != (t.width, t.height):
                 raise SinkError(f"{self.name}: segment is {got.width}x{got.height}, the output is {t.width}x{t.height}")
             url = storage.join(self.sink.target.parts_url, f"{self.name}.{self.sink.target.format}")
-            digest = _sha256_file(self.path)
+            digest = sha256_file(self.path)
             storage.put_file_atomic(self.path, url, self.sink.so)
             return {"name": self.name, "start": self.start, "frames": self.frames, "url": url, "sha256": digest}
         finally:
@@ -152,7 +152,7 @@ class VideoSink(FsspecSink):
             for i, p in enumerate(pieces):
                 path = os.path.join(tmp, f"{i:05d}.{self.target.format}")
                 storage.get_file(p["url"], path, self.so)
-                if _sha256_file(path) != p["sha256"]:
+                if sha256_file(path) != p["sha256"]:
                     raise SinkError(f"{p['url']}: checksum mismatch after download")
                 local.append(path)
             out = os.path.join(tmp, f"out.{self.target.format}")
@@ -161,7 +161,7 @@ class VideoSink(FsspecSink):
             counted = decoded_frame_count(out)
             if not frames == counted == expected:
                 raise SinkError(f"{self.target.url}: assembled {counted} frames, expected {expected}")
-            digest = _sha256_file(out)
+            digest = sha256_file(out)
             storage.put_file_atomic(out, self.target.url, self.so)
         # a commit killed mid-copy (a killed job, now resumed) left a hidden temporary beside the output
         parent, name = posixpath.split(self.target.url)
@@ -231,9 +231,3 @@ def make_sink(target: OutputTarget) -> FsspecSink:
     raise ValueError(f"unknown output format {target.format!r}")
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

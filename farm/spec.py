@@ -6,7 +6,6 @@ Every error names the file, the line and the field path, e.g.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import re
@@ -16,6 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from farm.digest import short_sha256
 from farm.plan import overlap_problem, resolve_window
 
 CHANNELS = ("alpha", "fgr", "comp", "rgb", "rgba")
@@ -216,7 +216,7 @@ class JobSpec(_Strict):
         """A short hash of what determines the output (not credentials): the job id's suffix."""
         runtime_only = {"storage_options", "resources", "retries", "max_failed_shards", "limits", "scheduler"}
         data = self.model_dump(mode="json", exclude=runtime_only)
-        return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:10]
+        return short_sha256(json.dumps(data, sort_keys=True), 10)
 
     @property
     def job_id(self) -> str:

@@ -1,4 +1,5 @@
-"""fsspec I/O for outputs and ledgers: URL helpers, atomic writes, retries, and redaction.
+"""fsspec I/O for outputs and ledgers: atomic writes, reads, listings and retries (URL helpers: ``farm.urls``;
+errors and redaction: ``farm.errors``).
 
 A final key appears only when complete. On object stores (s3, gs, az, ...) that is one put: a
 PutObject, or a multipart upload that becomes visible when it completes. On a local filesystem the
@@ -16,16 +17,19 @@ import logging
 import os
 import posixpath
 import random
-import re
-import string
 import time
 import uuid
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any, TypeVar
 
 import fsspec
-from fsspec.core import split_protocol, url_to_fs
+from fsspec.core import url_to_fs
 from fsspec.implementations.local import LocalFileSystem
+
+# Re-exported: ``storage.join``, ``storage.redact``, ``storage.StorageError``... are what callers use.
+from farm.errors import StorageError, StorageNotFound, redact  # noqa: F401
+from farm.errors import display_url as _display
+from farm.urls import check_inside, join, safe_join, static_prefix  # noqa: F401
 
 T = TypeVar("T")
 log = logging.getLogger(__name__)
@@ -34,13 +38,6 @@ TMP_MARK = ".farm-tmp-"  # prefix of hidden temporaries; listings skip them
 _OBJECT_STORES = {"s3", "s3a", "gs", "gcs", "az", "abfs", "abfss", "adl", "oss", "r2", "memory"}
 _CHUNK = 8 << 20
 
-
-class StorageError(RuntimeError):
-    """A storage operation that failed for good: ``<url>: <reason>``, one line, credentials redacted."""
-
-
-class StorageNotFound(StorageError, FileNotFoundError):
-    """The object (or bucket) does not exist; also a ``FileNotFoundError`` for callers that expect one."""
 
 
 # ---- URLs ------------------------------------------------------------------------------------------
@@ -54,132 +51,7 @@ def open_fs(url: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
         raise StorageError(_message(url, e, storage_options)) from None
 
 
-def join(base_url: str, *parts: str) -> str:
-    """Join URL parts with single slashes (no escape checks: use ``safe_join`` for untrusted parts)."""
-    out = base_url
-    for part in parts:
-        part = part.strip("/")
-        if part:
-            out = out + part if (not out or out.endswith("/")) else f"{out}/{part}"
-    return out
-
-
-def static_prefix(template: str) -> str:
-    """The directory part of an output URI template before its first ``{placeholder}``.
-
-    ``s3://b/renders/{job}/{stem}.mp4`` -> ``s3://b/renders``. The ledger lives under this prefix, so it
-    is known before any placeholder is filled. A template whose bucket is a placeholder is refused.
-    """
-    literal = ""
-    for text, field, _spec, _conv in string.Formatter().parse(template):
-        literal += text
-        if field is not None:
-            break
-    protocol, rest = split_protocol(literal)
-    head = f"{protocol}://" if protocol else ""
-    if "/" not in rest.lstrip("/") and protocol not in (None, "file", "local"):
-        raise StorageError(f"{template}: the bucket must not contain a placeholder")
-    if "/" not in rest:
-        return head if protocol else "."
-    directory = rest.rsplit("/", 1)[0]
-    return head + (directory or "/")
-
-
-_SCHEME_LIKE = re.compile(r"^[A-Za-z][A-Za-z0-9+.\-]*:")
-
-
-def safe_join(prefix_url: str, relative: str) -> str:
-    """``prefix_url/relative``, refusing any relative path that could land outside the prefix.
-
-    Refused: ``..`` segments, absolute paths, URLs or drive letters (a colon in the first segment),
-    backslashes, control characters, and paths that normalise to nothing. ``.`` and repeated
-    slashes are dropped.
-    """
-    if not isinstance(relative, str):
-        got = type(relative).__name__
-        raise StorageError(f"{_display(prefix_url)}: relative path must be a string, got {got}")
-    why = None
-    if not relative:
-        why = "empty relative path"
-    elif "\\" in relative:
-        why = "backslash in relative path"
-    elif any(ord(c) < 32 or c == "\x7f" for c in relative):
-        why = "control character in relative path"
-    elif relative.startswith("/") or relative.startswith("~"):
-        why = "absolute path"
-    elif "://" in relative or _SCHEME_LIKE.match(relative):
-        why = "relative path looks like a URL"
-    segments = [s for s in relative.split("/") if s not in ("", ".")]
-    if why is None and ".." in segments:
-        why = "'..' segment in relative path"
-    if why is None and not segments:
-        why = "relative path is empty after normalisation"
-    if why:
-        raise StorageError(f"{_display(prefix_url)}: refused {relative!r}: {why}")
-    return join(prefix_url, *segments)
-
-
-def _normalise(url: str) -> tuple[str, str]:
-    protocol, path = split_protocol(url)
-    if protocol in (None, "file", "local"):
-        return "file", os.path.abspath(path)
-    return protocol, path.rstrip("/")
-
-
-def check_inside(prefix_url: str, url: str) -> str:
-    """Return ``url`` if it lies inside ``prefix_url`` (same protocol, below the prefix), else raise."""
-    if ".." in url.replace("\\", "/").split("/"):
-        raise StorageError(f"{_display(url)}: refused: '..' segment")
-    p_proto, p_path = _normalise(prefix_url)
-    u_proto, u_path = _normalise(url)
-    root = p_path.rstrip("/")
-    if p_proto != u_proto or not (u_path.startswith(root + "/") and len(u_path) > len(root) + 1):
-        raise StorageError(f"{_display(url)}: refused: not inside {_display(prefix_url)}")
-    return url
-
-
 # ---- errors, retries, redaction --------------------------------------------------------------------
-
-_SECRET_NAME = re.compile(r"key|secret|token|password|passwd|credential|signature|connection_string", re.I)
-_SECRET_ENV = re.compile(r"SECRET|TOKEN|PASSWORD|PASSWD|ACCESS_KEY|ACCOUNT_KEY", re.I)
-_NOT_SECRET_VALUES = {"anon", "google_default", "cloud", "browser", "cache", "true", "false", "none"}
-_NOT_SECRET = {"endpoint_url", "region_name", "key_file", "requester_pays", "use_ssl", "default_fill_cache"}
-_USERINFO = re.compile(r"(\b[a-zA-Z][a-zA-Z0-9+.\-]*://)[^/@\s:]+(:[^/@\s]*)?@")
-
-
-def _secrets(obj: Any, name: str = "", found: set[str] | None = None) -> set[str]:
-    found = set() if found is None else found
-    if isinstance(obj, dict):
-        for k, v in obj.items():
-            _secrets(v, str(k), found)
-    elif isinstance(obj, (list, tuple)):
-        for v in obj:
-            _secrets(v, name, found)
-    elif (isinstance(obj, str) and len(obj) >= 4 and _SECRET_NAME.search(name) and name not in _NOT_SECRET
-          and obj.lower() not in _NOT_SECRET_VALUES):
-        found.add(obj)
-    return found
-
-
-def redact(text: str, storage_options: dict[str, Any] | None = None) -> str:
-    """Replace every credential in ``text`` with ``***``.
-
-    Secrets are the string values under credential-like names anywhere in ``storage_options``
-    (``key``, ``secret``, ``token``, ``client_kwargs.aws_secret_access_key``, ...), credential-like
-    environment variables (``AWS_SECRET_ACCESS_KEY``, ``AWS_SESSION_TOKEN``, ...), and the
-    ``user:password@`` part of URLs.
-    """
-    secrets = _secrets(storage_options or {})
-    secrets |= {v for k, v in os.environ.items()
-                if _SECRET_ENV.search(k) and len(v) >= 8 and v.lower() not in _NOT_SECRET_VALUES}
-    for s in sorted(secrets, key=len, reverse=True):
-        text = text.replace(s, "***")
-    return _USERINFO.sub(r"\1***@", text)
-
-
-def _display(url: str) -> str:
-    return _USERINFO.sub(r"\1***@", url)
-
 
 def _message(url: str, error: BaseException, storage_options: dict[str, Any] | None) -> str:
     reason = str(error).strip().splitlines()[0] if str(error).strip() else ""

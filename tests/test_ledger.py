@@ -105,9 +105,26 @@ def test_events(prefix: tuple[str, dict]) -> None:
     base, so = prefix
     ledger = Ledger.for_job(base, "job-1", so)
     assert ledger.read_events() == []
-    for i in range(4):
-        ledger.append_event({"kind": "shard-done", "i": i})
+    for n in range(1, 5):  # the run's one log, rewritten as it grows
+        ledger.write_events([{"event": "shard_done", "i": i, "t": float(i)} for i in range(n)])
     events = ledger.read_events()
     assert [e["i"] for e in events] == [0, 1, 2, 3]
-    assert all(e["kind"] == "shard-done" and isinstance(e["time"], float) for e in events)
-    assert len(storage.list_files(storage.join(ledger.root, "events"), so)) == 4
+    assert all(e["event"] == "shard_done" and isinstance(e["t"], float) for e in events)
+    assert storage.list_files(ledger.root, so) == [storage.join(ledger.root, "events.json")]
+
+
+def test_records_are_typed(prefix: tuple[str, dict]) -> None:
+    from farm.ledger import ShardRecord, VideoRecord
+
+    base, so = prefix
+    ledger = Ledger.for_job(base, "job-1", so)
+    rec = ShardRecord(shard={"index": 0}, channels={"alpha": {"core": {"start": 0, "frames": 8}}}, seconds=1.5,
+                      input="fp")
+    ledger.mark_shard_done("clip", 0, rec)
+    assert ledger.shard_records("clip") == {0: rec}
+    assert "state_url" not in ledger.done_shards("clip")[0]  # unset fields are not written
+    assert ledger.read_video("clip") is None
+    ledger.write_video("clip", VideoRecord("in.mp4", {"alpha": {"url": "out.mp4"}}, "fp"))
+    assert ledger.read_video("clip") == VideoRecord("in.mp4", {"alpha": {"url": "out.mp4"}}, "fp")
+    url = ledger.write_pass1("clip", "shard-0000.copy1", {"alpha": np.zeros((2, 2), np.uint8)})
+    assert url.endswith("pass1/clip/shard-0000.copy1.npz") and ledger.read_arrays(url)["alpha"].shape == (2, 2)

@@ -16,7 +16,6 @@ import pytest
 import torch
 import yaml
 
-import farm.worker
 from actors.base import ModelError, VideoContext
 from actors.flow import estimate_flow, warp
 from actors.void import (
@@ -32,10 +31,6 @@ from farm.video import SegmentWriter, read_frames
 
 T, H, W = 24, 32, 48
 LAT = 4  # latent channels of the tiny VAE
-
-
-def _driver_has_passes() -> bool:
-    return hasattr(farm.worker, "PASS2_SUPPORTED")
 
 
 # ---------------------------------------------------------------------------------------------- fixtures
@@ -378,7 +373,6 @@ def test_refine_refuses_state_of_another_size(folder: Path, media: dict) -> None
 # ---------------------------------------------------------------------------------------------- farm submit
 
 
-@pytest.mark.skipif(not _driver_has_passes(), reason="the driver's two-pass (refine) support is not wired yet")
 def test_farm_submit_void_two_passes(ray_session, folder: Path, tmp_path: Path) -> None:
     from farm.driver import absolute_local_paths, run_job
     from farm.spec import parse_spec

@@ -20,7 +20,7 @@ import fsspec
 import pytest
 from fsspec.spec import AbstractFileSystem
 
-from farm import weights
+from farm import state_dict, weights
 from farm.weights import Known, WeightsError, load_state_dict, resolve
 
 torch = pytest.importorskip("torch")
@@ -334,7 +334,7 @@ def test_unknown_formats_refused(tmp_path: Path) -> None:
 
 
 def test_registered_onnx_converter(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
-    monkeypatch.setattr(weights, "ONNX_CONVERTERS", dict(weights.ONNX_CONVERTERS))
+    monkeypatch.setattr(state_dict, "ONNX_CONVERTERS", dict(state_dict.ONNX_CONVERTERS))
     weights.register_onnx_converter("tiny_*.onnx", lambda p: {"x": torch.ones(1)})
     (tmp_path / "tiny_net.onnx").write_bytes(b"x")
     assert torch.equal(load_state_dict(tmp_path / "tiny_net.onnx")["x"], torch.ones(1))

@@ -1,0 +1,352 @@
+"""The scheduler as a pure state machine: it is told what happened and answers what to do next.
+
+Fed ``on_actor_ready / on_actor_lost / on_beat / on_done / on_failed`` (and ``on_nodes``), it answers
+``decide(now) -> list[Command]``. It imports no Ray and reads no clock (``now`` is passed in), so every
+rule is tested without a cluster (``tests/test_schedule.py``). The driver applies the commands in order
+through the actor pool; ``Emit`` commands are the run's events, placed where they happen.
+
+What a failure means, blocklists, speculation and the failure budget are in ``farm.policy``; the actor
+slots (states, pings, successors, blocklisting) in ``farm.fleet``; the commands in ``farm.commands``.
+
+A later rule is a policy addition, not a rewrite. Draining a node before preemption, for one:
+``on_node_draining(node, deadline)`` marks the node in the fleet (as ``blocklists.blocked_nodes`` does,
+so ``Replace`` already keeps successors off it); ``Fleet.idle`` leaves out its actors, so ``_fill``
+dispatches nothing there; ``_speculate`` copies its in-flight stateless shards (the copy machinery and
+first-result-wins exist); a handoff chain's shard there gets a checkpoint command, whose state comes
+back like any handed-off state (``Unit.state_from``).
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections import deque
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from farm.commands import (  # noqa: F401 (the commands are this module's answers: importable from here)
+    Cancel,
+    Command,
+    Config,
+    Dispatch,
+    Emit,
+    FailVideo,
+    FinishVideo,
+    Kill,
+    Launch,
+    Ping,
+    Replace,
+)
+from farm.events import EventKind
+from farm.fleet import Actor, ActorState, Fleet
+from farm.graph import ACTOR_KINDS, Kind, Unit
+from farm.policy import Blocklists, Budget, Failure, Speculation, determine
+
+
+class UnitState(Enum):
+    WAITING = "waiting"  # some of its needs are not done
+    READY = "ready"
+    RUNNING = "running"  # one attempt in flight, or two (a straggler's copy)
+    DONE = "done"
+
+
+@dataclass
+class Attempt:
+    id: int
+    video: str
+    unit: Unit
+    slot: int | None
+    number: int
+    started: float
+    abandoned: bool = False  # a cancelled copy: only its actor still matters
+
+
+class VideoWork:
+    """One video's units, their states and the ready set, updated as units finish."""
+
+    def __init__(self, key: str, units: list[Unit], frame_count: int, done: set[str], rank: int) -> None:
+        self.key, self.rank, self.running = key, rank, True
+        self.units = {u.id: u for u in units}
+        self.state: dict[str, UnitState] = {}
+        self.missing: dict[str, int] = {}
+        self.dependents: dict[str, list[str]] = {u.id: [] for u in units}
+        self.ready: set[str] = set()
+        self.attempts: dict[str, int] = {}
+        self.avoid: dict[str, set[int]] = {}
+        self.copies: dict[str, list[int]] = {}
+        self.left = frame_count  # frames not yet rendered (both passes count): the priority
+        todo_actor = any(u.kind in (Kind.RENDER, Kind.REFINE) and u.id not in done for u in units)
+        if not todo_actor:
+            done = done | {"prepare"}  # nothing left that needs the conditioning
+        for u in units:
+            for need in u.needs:
+                self.dependents[need].append(u.id)
+            if u.id in done:
+                self.state[u.id] = UnitState.DONE
+                self.left -= self.frames(u)
+                continue
+            self.missing[u.id] = sum(n not in done for n in u.needs)
+            self.state[u.id] = UnitState.WAITING
+            if not self.missing[u.id]:
+                self.state[u.id] = UnitState.READY
+                self.ready.add(u.id)
+
+    @staticmethod
+    def frames(u: Unit) -> int:
+        return u.frames[1] - u.frames[0] if u.frames and u.kind in (Kind.RENDER, Kind.REFINE) else 0
+
+    def complete(self, uid: str) -> None:
+        self.state[uid] = UnitState.DONE
+        self.ready.discard(uid)
+        self.left -= self.frames(self.units[uid])
+        for d in self.dependents[uid]:
+            if d not in self.missing:  # done already (resumed)
+                continue
+            self.missing[d] -= 1
+            if not self.missing[d] and self.state[d] == UnitState.WAITING:
+                self.state[d] = UnitState.READY
+                self.ready.add(d)
+
+    def make_ready(self, uid: str) -> None:
+        self.state[uid] = UnitState.READY
+        self.ready.add(uid)
+
+    def succeeded(self) -> bool:
+        return all(s == UnitState.DONE for u, s in self.state.items() if self.units[u].kind == Kind.COMMIT)
+
+
+# ---- the scheduler -----------------------------------------------------------------------------
+
+
+class Scheduler:
+    def __init__(self, config: Config, actors: int) -> None:
+        self.config = config
+        self._out: list[Command] = []
+        self.fleet = Fleet(config, actors, self._out)
+        self.videos: dict[str, VideoWork] = {}
+        self.attempts: dict[int, Attempt] = {}
+        self.prep: deque[str] = deque()  # videos whose prepare is ready, dispatched before any shard
+        self.speculation = Speculation(config.speculative)
+        self.budget = Budget(config.max_failed_shards)
+        self._ids = itertools.count(1)
+
+    @property
+    def actors(self) -> list[Actor]:
+        return self.fleet.actors
+
+    @property
+    def blocklists(self) -> Blocklists:
+        return self.fleet.blocklists
+
+    @property
+    def ever_ready(self) -> bool:
+        return self.fleet.ever_ready
+
+    def all_actors_gone(self) -> bool:
+        return self.fleet.all_gone()
+
+    # ---- inputs ------------------------------------------------------------------------------
+
+    def add_video(self, key: str, units: list[Unit], frame_count: int, done: set[str] = frozenset()) -> None:
+        """Schedule a video; ``done``: units the ledger already has (resume). Add longest videos first."""
+        v = self.videos[key] = VideoWork(key, units, frame_count, set(done), len(self.videos))
+        if "prepare" in v.ready:
+            v.ready.discard("prepare")
+            self.prep.append(key)
+
+    def on_nodes(self, alive: set[str]) -> None:
+        self.fleet.alive_nodes = set(alive)
+
+    def on_actor_ready(self, slot: int, info: dict[str, Any], generation: int = 0) -> None:
+        self.fleet.ready(slot, info, generation)
+
+    def on_actor_lost(self, slot: int, failure: Failure, generation: int | None = None) -> None:
+        """The actor in ``slot`` is gone outside any attempt: it failed to load, or a ping found it dead."""
+        self.fleet.lost(slot, failure, generation)
+
+    def on_beat(self, slot: int, generation: int, beat: dict[str, Any], now: float) -> None:
+        """A ping's answer: the actor is alive; a render call past max(stall_s, 4x the longest) is hung."""
+        reason = self.fleet.beat(slot, generation, beat)
+        if reason:
+            self._hung(slot, reason)
+
+    def on_done(self, attempt: int, now: float, seconds: float = 0.0) -> None:
+        a = self.attempts.pop(attempt)
+        actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        if actor is not None and actor.state == ActorState.KILLED:
+            self.fleet.replace(actor.slot)  # killed as hung, finished anyway: its successor is due
+        if a.abandoned:
+            return
+        v, uid = self.videos[a.video], a.unit.id
+        if a.unit.kind in (Kind.RENDER, Kind.REFINE):
+            for other in v.copies.pop(uid, []):  # first result wins
+                if other != attempt:
+                    self._cancel(other)
+        if not v.running:
+            return
+        if a.unit.kind in (Kind.RENDER, Kind.REFINE):
+            self.speculation.observe(seconds, v.frames(a.unit))
+        v.complete(uid)
+        if a.unit.kind == Kind.COMMIT and v.succeeded():
+            v.running = False
+            self._out.append(FinishVideo(v.key))
+
+    def on_failed(self, attempt: int, failure: Failure, now: float) -> None:
+        """What a failed attempt does, decided by ``policy.determine`` alone."""
+        a = self.attempts.pop(attempt)
+        actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        v, uid = self.videos[a.video], a.unit.id
+        copies = v.copies.get(uid, [])
+        if attempt in copies:
+            copies.remove(attempt)
+        if not copies:
+            v.copies.pop(uid, None)
+        kind = None if a.abandoned else a.unit.kind
+        verdict = determine(failure, kind, v.attempts.get(uid, 0), self.config.retries, len(copies))
+        if actor is not None:
+            if verdict.replace_actor or actor.state == ActorState.KILLED:
+                self.fleet.replace(actor.slot)
+            if verdict.charge_actor:
+                self.fleet.charge(actor.slot)
+                v.avoid.setdefault(uid, set()).add(actor.slot)
+        if kind in (Kind.RENDER, Kind.REFINE):
+            more = {"copy": True} if copies else {"attempt": v.attempts.get(uid, 0)}
+            self._emit(EventKind.SHARD_FAILED, video=v.key, shard=a.unit.shard, actor=a.slot, **more,
+                       error=failure.message)
+        if verdict.spend_budget:
+            self.budget.spend()
+        if verdict.give_up:
+            self._fail(v, failure.message)
+        elif verdict.retry and v.running:
+            if kind == Kind.PREPARE:
+                self.prep.appendleft(v.key)
+            else:
+                v.make_ready(uid)
+        if actor is not None and kind in (Kind.RENDER, Kind.REFINE):
+            self.fleet.blocklist(actor.slot)
+
+    # ---- decisions ---------------------------------------------------------------------------
+
+    def decide(self, now: float) -> list[Command]:
+        """Pings and hang checks, task units, then actor units on idle actors (copies at the tail)."""
+        for slot, reason in self.fleet.heartbeats(now):
+            self._hung(slot, reason)
+        for v in self.running():
+            for uid in sorted(u for u in v.ready if v.units[u].kind not in ACTOR_KINDS):
+                self._launch(v, uid, now)
+        self._fill(now)
+        if self.running() and not self.attempts and not self.fleet.loading():
+            if self.fleet.all_gone():
+                message = f"no healthy actor left to render it ({self.fleet.why_gone()})"
+            else:
+                message = self.budget.message()
+            for v in self.running():
+                self._fail(v, message)
+        return self.pending()
+
+    def pending(self) -> list[Command]:
+        """What the inputs so far decided (events, successors), handed over once."""
+        out = list(self._out)
+        self._out.clear()
+        return out
+
+    def running(self) -> list[VideoWork]:
+        return [v for v in self.videos.values() if v.running]
+
+    @property
+    def finished(self) -> bool:
+        return not self.running()
+
+    def _fill(self, now: float) -> None:
+        while not self.budget.exhausted:
+            idle = self.fleet.idle()
+            if not idle:
+                return
+            if self.prep:
+                v = self.videos[self.prep.popleft()]
+                if v.running:
+                    self._dispatch(idle[0], v, "prepare", now)
+                continue
+            # Ready shards, highest priority first: most frames left in the video (critical path).
+            ready = sorted((-v.left, v.units[u].shard, v.rank, u, v) for v in self.running() for u in v.ready
+                           if v.units[u].kind in ACTOR_KINDS)
+            live = self.fleet.live()
+            for *_, uid, v in ready:
+                avoid = v.avoid.get(uid, set())
+                fresh = [k for k in idle if k not in avoid]
+                if fresh or live <= avoid:  # every actor failed it once: any may retry
+                    self._dispatch((fresh or idle)[0], v, uid, now)
+                    break
+                # else: leave it for a busy actor that has not failed it yet
+            else:
+                if not self._speculate(idle, now):
+                    return
+
+    def _speculate(self, idle: list[int], now: float) -> bool:
+        """At the tail (nothing else to run), copy the slowest straggler to an idle actor."""
+        if not self.speculation.active():
+            return False
+        best = None
+        for v in self.running():
+            for uid, ids in v.copies.items():
+                if len(ids) != 1 or (v.key, uid) in self.speculation.copied:
+                    continue
+                a = self.attempts[ids[0]]
+                late = self.speculation.lateness(now - a.started, v.frames(a.unit))
+                free = [k for k in idle if k not in v.avoid.get(uid, set())]
+                if late > 1 and free and (best is None or late > best[0]):
+                    best = (late, v, uid, free[0])
+        if best is None:
+            return False
+        _, v, uid, slot = best
+        self.speculation.copied.add((v.key, uid))
+        self._dispatch(slot, v, uid, now, copy=True)
+        return True
+
+    def _dispatch(self, slot: int, v: VideoWork, uid: str, now: float, copy: bool = False) -> None:
+        unit = v.units[uid]
+        if not copy and unit.kind != Kind.PREPARE:  # a copy is not a retry: it spends none of the attempts
+            v.attempts[uid] = v.attempts.get(uid, 0) + 1
+        number = v.attempts.get(uid, 1)
+        a = Attempt(next(self._ids), v.key, unit, slot, number, now)
+        self.attempts[a.id] = a
+        self.fleet.take(slot, a.id)
+        v.state[uid] = UnitState.RUNNING
+        v.ready.discard(uid)
+        self._out.append(Dispatch(a.id, slot, v.key, unit, number, copy, f".copy{number}" if copy else ""))
+        if unit.kind != Kind.PREPARE:
+            v.copies.setdefault(uid, []).append(a.id)
+            kind = EventKind.SHARD_SPECULATED if copy else EventKind.SHARD_DISPATCHED
+            self._emit(kind, video=v.key, shard=unit.shard, actor=slot, attempt=number)
+
+    def _launch(self, v: VideoWork, uid: str, now: float) -> None:
+        a = Attempt(next(self._ids), v.key, v.units[uid], None, 1, now)
+        self.attempts[a.id] = a
+        v.state[uid] = UnitState.RUNNING
+        v.ready.discard(uid)
+        self._out.append(Launch(a.id, v.key, a.unit))
+
+    def _cancel(self, attempt: int) -> None:
+        a = self.attempts[attempt]
+        a.abandoned = True
+        self._out.append(Cancel(attempt, a.slot, a.video, a.unit.shard))
+        self._emit(EventKind.SHARD_CANCELLED, video=a.video, shard=a.unit.shard, actor=a.slot,
+                   reason="another copy finished first")
+
+    def _fail(self, v: VideoWork, message: str) -> None:
+        if v.running:
+            v.running = False
+            self._out.append(FailVideo(v.key, message))
+
+    def _hung(self, slot: int, reason: str) -> None:
+        """A hung actor is killed; the shard it held avoids it from now on."""
+        actor = self.fleet.actors[slot]
+        a = self.attempts.get(actor.attempt) if actor.attempt is not None else None
+        data: dict[str, Any] = {}
+        if a is not None and not a.abandoned and a.unit.kind in (Kind.RENDER, Kind.REFINE):
+            self.videos[a.video].avoid.setdefault(a.unit.id, set()).add(slot)
+            data = {"video": a.video, "shard": a.unit.shard}
+        self.fleet.hang(slot, reason, data)
+
+    def _emit(self, kind: EventKind, **data: Any) -> None:
+        self._out.append(Emit(kind, data))

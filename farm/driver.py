@@ -62,6 +62,7 @@ class VideoRun:
     started: float = 0.0
     seconds: float = 0.0
     fingerprint: str | None = None  # input size + etag/mtime: a changed input is rendered again
+    seams: list[dict] = field(default_factory=list)  # seams: farm.stitch.seam_disagreement per overlap and output
 
     @property
     def key(self) -> str:
@@ -472,6 +473,7 @@ class JobRunner:
                 done = None  # the input changed since it was rendered (or was never fingerprinted)
             if done and not self.force and all(storage.exists(o["url"], self.so) for o in done["outputs"].values()):
                 run.status, run.outputs, run.seconds = "skipped", done["outputs"], 0.0
+                run.seams = done.get("seams", [])  # seams
                 continue
             records = {} if self.force else self.ledger.done_shards(run.key)
             run.records = {
@@ -889,10 +891,14 @@ class JobRunner:
                 elif kind == "blend":
                     run, ch = payload
                     try:
-                        run.pieces[ch].append(ray.get(ref))
+                        piece = ray.get(ref)
                     except ray.exceptions.RayError as e:
                         self.fail_video(run, _one_line(e, self.so))
                         continue
+                    seam = {"output": ch, **piece.pop("seam")}  # seams: measured by the blend, not committed
+                    run.seams.append(seam)  # seams
+                    self.event("seam_measured", video=run.key, **seam)  # seams: metrics and events.json
+                    run.pieces[ch].append(piece)
                     maybe_commit(run)
                 elif kind == "commit":
                     run, ch = payload
@@ -905,7 +911,8 @@ class JobRunner:
                         run.status, run.seconds = "succeeded", time.time() - run.started
                         self.ledger.write_json(
                             f"videos/{run.key}.json",
-                            {"url": run.input.url, "outputs": run.outputs, "input": run.fingerprint},
+                            {"url": run.input.url, "outputs": run.outputs, "input": run.fingerprint,
+                             "seams": run.seams},  # seams: kept for skipped re-runs and `farm status`
                         )
                         self.event("video_done", video=run.key, seconds=run.seconds)
 
@@ -938,6 +945,7 @@ class JobRunner:
                 "shards": len(run.shards),
                 "outputs": run.outputs,
                 "seconds": round(run.seconds, 3),
+                "seams": sorted(run.seams, key=lambda m: (m["start"], m["output"])),  # seams
             }
         return {
             "job": self.spec.job_id,

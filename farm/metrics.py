@@ -19,6 +19,7 @@ log = logging.getLogger("farm")
 Progress = Callable[[str, dict[str, Any]], None]
 TAGS = ("job", "model")
 SECONDS_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
+LEVELS_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]  # seam disagreement, in 8-bit levels (1/255)
 
 
 class JobMetrics:
@@ -49,8 +50,21 @@ class JobMetrics:
         self.queue_depth = Gauge("farm_queue_depth", description="Shards not yet done nor running.", tag_keys=TAGS)
         self.active_actors = Gauge("farm_active_actors", description="Model actors alive in the pool.",
                                    tag_keys=TAGS)
+        self.shards_running = Gauge("farm_shards_running", description="Shard attempts running on actors now.",
+                                    tag_keys=TAGS)
+        self.seam_worst = Gauge(
+            "farm_seam_disagreement", tag_keys=TAGS,
+            description="Worst seam so far: mean absolute difference (1/255) of the worst frame two shards both "
+            "rendered, before blending.",
+        )
+        self.seam_mean = Histogram(
+            "farm_seam_disagreement_per_seam", boundaries=LEVELS_BUCKETS, tag_keys=TAGS,
+            description="Mean absolute difference (1/255) between two shards' renders of their shared frames, "
+            "one observation per seam and output.",
+        )
         self.actors = 0
         self.in_flight = 0
+        self.worst = 0.0
 
     def on_event(self, kind: str, e: dict[str, Any]) -> None:
         t = self.tags
@@ -66,6 +80,10 @@ class JobMetrics:
             self.in_flight += 1
             if e.get("attempt", 1) > 1:
                 self.shards_retried.inc(1, t)
+        elif kind == "seam_measured":
+            self.worst = max(self.worst, float(e["worst"]))
+            self.seam_worst.set(self.worst, t)
+            self.seam_mean.observe(float(e["mean"]), t)
         elif kind == "shard_done":
             self.in_flight = max(0, self.in_flight - 1)
             self.frames.inc(int(e["frames"]), t)
@@ -79,12 +97,17 @@ class JobMetrics:
             self.bytes_written.inc(self._output_bytes(e["video"]), t)
         elif kind == "video_failed":
             self.videos_failed.inc(1, t)
+        if kind == "start":
+            self.seam_worst.set(0.0, t)  # exported from the start: 0 until a seam is measured (handoff: always)
         if kind == "finish":
             self.actors = 0
             self.active_actors.set(0, t)
             self.queue_depth.set(0, t)
+            self.in_flight = 0
         elif kind in ("start", "shard_dispatched", "shard_done", "shard_failed", "video_failed"):
             self.queue_depth.set(self._queue_depth(), t)
+        if kind in ("start", "finish", "shard_dispatched", "shard_done", "shard_failed"):
+            self.shards_running.set(self.in_flight, t)
 
     def _queue_depth(self) -> int:
         left = sum(

@@ -12,12 +12,14 @@ from collections import Counter
 from typing import Any
 
 from farm import storage
+from farm.stitch import seam_summary, worst_seam
 
 REPORT_NAME = "report.parquet"
 
 
 def report_rows(runner: Any, result: Any) -> list[dict[str, Any]]:
-    """One row per video of the run: url, status, error, frames, seconds, fps, outputs, shards dispatched."""
+    """One row per video of the run: url, status, error, frames, seconds, fps, outputs, shards dispatched,
+    and seam quality (``seam_disagreement_max``/``_mean``, 1/255; None for a video with no output)."""
     dispatched = Counter(e["video"] for e in runner.events if e["event"] == "shard_dispatched")
     failed = Counter(e["video"] for e in runner.events if e["event"] == "shard_failed")
     rows = []
@@ -26,6 +28,7 @@ def report_rows(runner: Any, result: Any) -> list[dict[str, Any]]:
         frames = v["frames"]
         seconds = float(v["seconds"] or 0.0)
         rendered = v["status"] == "succeeded" and frames and seconds > 0
+        seams = seam_summary(v.get("seams") or []) if v["status"] in ("succeeded", "skipped") else None
         rows.append(
             {
                 "url": v["url"],
@@ -41,6 +44,8 @@ def report_rows(runner: Any, result: Any) -> list[dict[str, Any]]:
                 "shards_failed": failed.get(key, 0),
                 "outputs": sorted(o["url"] for o in v["outputs"].values() if o.get("url")),
                 "input_fingerprint": run.fingerprint if run else None,
+                "seam_disagreement_max": seams["max"] if seams else None,
+                "seam_disagreement_mean": seams["mean"] if seams else None,
             }
         )
     return rows
@@ -66,6 +71,8 @@ def write_report(runner: Any, result: Any) -> str:
             ("shards_failed", pa.int64()),
             ("outputs", pa.list_(pa.string())),
             ("input_fingerprint", pa.string()),
+            ("seam_disagreement_max", pa.float64()),
+            ("seam_disagreement_mean", pa.float64()),
         ]
     )
     table = pa.Table.from_pylist(report_rows(runner, result), schema=schema)
@@ -135,11 +142,14 @@ def ledger_status(spec: Any) -> dict[str, Any]:
             "failures": failures.get(key, 0),
             "error": m.get("error"),
             "outputs": [o["url"] for o in (record or {}).get("outputs", {}).values()],
+            "worst_seam": worst_seam((record or {}).get("seams") or []),  # None: no overlap, or not done yet
+            "seam_disagreement_max": seam_summary(record.get("seams") or [])["max"] if record else None,
         }
     for key, m in ((manifest or {}).get("videos") or {}).items():  # failed before planning (probe errors)
         if key not in videos:
             videos[key] = {"url": m["url"], "status": m["status"], "shards_done": 0, "shards": 0, "frames_done": 0,
-                           "frames": m.get("frames") or 0, "failures": 0, "error": m.get("error"), "outputs": []}
+                           "frames": m.get("frames") or 0, "failures": 0, "error": m.get("error"), "outputs": [],
+                           "worst_seam": None, "seam_disagreement_max": None}
     doc.update(state="finished" if manifest else "running or interrupted", videos=videos)
     if manifest:
         doc["report"] = ledger.url(REPORT_NAME)

@@ -30,7 +30,8 @@ class SyntheticModel(VideoModel):
     ``drop_frame_marker`` (a path: the next call returns one frame too few and removes the file, a
     lost frame that segment verification must catch); ``memory_bytes`` (what ``memory_bytes()`` reports,
     to test the per-actor memory budget); ``fail_on_env`` (an environment variable: every call raises on
-    processes that have it, e.g. every actor of one node of a test cluster); ``shard_offset`` with
+    processes that have it, e.g. every actor of one node of a test cluster); ``fail_once_marker`` (a path:
+    the next call raises and removes the file, one failed and retried shard); ``shard_offset`` with
     ``shard_stride`` (levels of 1/255, frames between shard starts: every other shard's outputs move
     ``shard_offset`` levels towards mid-grey, so each seam disagrees by exactly that much; meant for
     windows of at most ``chunk_frames`` frames, where one render call is one shard).
@@ -55,6 +56,7 @@ class SyntheticModel(VideoModel):
         fail_on_env: str | None = None,
         shard_offset: float = 0.0,
         shard_stride: int | None = None,
+        fail_once_marker: str | None = None,
     ) -> None:
         super().__init__(sleep_per_frame=sleep_per_frame, fail_on_actor=fail_on_actor, slow_actor=slow_actor)
         self.sleep_per_frame = float(sleep_per_frame)
@@ -63,6 +65,7 @@ class SyntheticModel(VideoModel):
         self.fail_marker = fail_marker  # a file: while it exists, every render raises (a transient fault)
         self.drop_frame_marker, self.held_bytes = drop_frame_marker, int(memory_bytes)
         self.fail_on_env = fail_on_env  # an environment variable set only on a "bad" node's processes
+        self.fail_once_marker = fail_once_marker
         if shard_offset and not shard_stride:
             raise ModelError("synthetic: shard_offset needs shard_stride (frames between shard starts)")
         self.shard_offset, self.shard_stride = float(shard_offset) / 255.0, shard_stride
@@ -86,6 +89,12 @@ class SyntheticModel(VideoModel):
             raise InjectedFault(f"synthetic: {self.fail_on_env} is set on this node")
         if self.fail_marker and os.path.exists(self.fail_marker):
             raise InjectedFault(f"synthetic: fault marker {self.fail_marker} present")
+        if self.fail_once_marker:
+            try:
+                os.remove(self.fail_once_marker)  # once: whoever removes it fails
+                raise InjectedFault(f"synthetic: fault marker {self.fail_once_marker} (once)")
+            except FileNotFoundError:
+                pass
         if self.oom_above is not None and len(frames) > self.oom_above:
             import torch
 

@@ -60,37 +60,50 @@ SERVE = textwrap.dedent(
 )
 
 
-@pytest.fixture(scope="module")
-def farm_ray(tmp_path_factory):
-    d = tmp_path_factory.mktemp("board")
-    (d / "serve.py").write_text(SERVE)
-    dash, metrics, token = free_port(), free_port(), secrets.token_hex(16)
-    env = {**clean_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
-           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray port on loopback, as farm's own ensure_ray
-           "RAY_metrics_report_interval_ms": "500"}
+def start_serve(d: Path, env: dict[str, str], dash: int, metrics: int) -> tuple[subprocess.Popen, dict | None]:
+    """Run serve.py until it prints READY (returns its doc) or exits (returns None)."""
     proc = subprocess.Popen([sys.executable, "serve.py", str(dash), str(metrics), str(d)], cwd=d, env=env,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=open(d / "serve.err", "w"),
                             text=True, start_new_session=True)
     lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True)
-    reader.start()
+    threading.Thread(target=lambda: lines.extend(proc.stdout), daemon=True).start()
     deadline = time.time() + 300
     while not any(x.startswith("READY ") for x in lines) and proc.poll() is None and time.time() < deadline:
         time.sleep(0.5)
+    ready = [x for x in lines if x.startswith("READY ")]
+    return proc, json.loads(ready[0][len("READY "):]) if ready else None
+
+
+def stop_serve(proc: subprocess.Popen) -> None:
+    proc.stdin.close()
     try:
-        ready = [x for x in lines if x.startswith("READY ")]
-        if not ready:
+        proc.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def farm_ray(tmp_path_factory):
+    d = tmp_path_factory.mktemp("board")
+    (d / "serve.py").write_text(SERVE)
+    token = secrets.token_hex(16)
+    env = {**clean_env(), "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token,
+           "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0",  # every Ray port on loopback, as farm's own ensure_ray
+           "RAY_metrics_report_interval_ms": "500"}
+    for _ in range(2):  # Ray gives a node 30 s to start: on an overloaded machine, once more
+        dash, metrics = free_port(), free_port()
+        proc, doc = start_serve(d, env, dash, metrics)
+        if doc or "timed out during startup" not in (d / "serve.err").read_text():
+            break
+        stop_serve(proc)
+    try:
+        if not doc:
             pytest.fail("farm job on a dashboard Ray did not finish:\n" + (d / "serve.err").read_text()[-3000:])
-        doc = json.loads(ready[0][len("READY "):])
         assert doc["statuses"] == ["failed", "succeeded"], doc  # broken.mp4 fails, clip.mp4 renders
         yield {**doc, "dashboard": f"http://127.0.0.1:{dash}", "metrics": f"http://127.0.0.1:{metrics}/metrics",
                "token": token}
     finally:
-        proc.stdin.close()
-        try:
-            proc.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(proc.pid, signal.SIGKILL)
+        stop_serve(proc)
 
 
 def board_queries(board: dict) -> dict[str, set[str]]:

@@ -31,12 +31,17 @@ class SyntheticModel(VideoModel):
     ``drop_frame_marker`` (a path: the next call returns one frame too few and removes the file, a
     lost frame that segment verification must catch); ``memory_bytes`` (what ``memory_bytes()`` reports,
     to test the per-actor memory budget); ``fail_on_env`` (an environment variable: every call raises on
-    processes that have it, e.g. every actor of one node of a test cluster).
+    processes that have it, e.g. every actor of one node of a test cluster); ``fail_once_marker`` (a path:
+    the next call raises and removes the file, one failed and retried shard); ``shard_offset`` with
+    ``shard_stride`` (levels of 1/255, frames between shard starts: every other shard's outputs move
+    ``shard_offset`` levels towards mid-grey, so each seam disagrees by exactly that much; meant for
+    windows of at most ``chunk_frames`` frames, where one render call is one shard).
     The state is a running frame count, so a handoff chain can be checked."""
 
     name: ClassVar[str] = "synthetic"
     window: ClassVar[WindowSpec] = WindowSpec(frames=16, overlap=0, state="none")
     outputs: ClassVar[tuple[str, ...]] = ("alpha", "fgr")
+    takes_span: ClassVar[bool] = True  # the frame indices tell which shard a call renders (shard_offset)
 
     def __init__(
         self,
@@ -50,6 +55,9 @@ class SyntheticModel(VideoModel):
         drop_frame_marker: str | None = None,
         memory_bytes: int = 0,
         fail_on_env: str | None = None,
+        shard_offset: float = 0.0,
+        shard_stride: int | None = None,
+        fail_once_marker: str | None = None,
     ) -> None:
         super().__init__(sleep_per_frame=sleep_per_frame, fail_on_actor=fail_on_actor, slow_actor=slow_actor)
         self.sleep_per_frame = float(sleep_per_frame)
@@ -58,6 +66,10 @@ class SyntheticModel(VideoModel):
         self.fail_marker = fail_marker  # a file: while it exists, every render raises (a transient fault)
         self.drop_frame_marker, self.held_bytes = drop_frame_marker, int(memory_bytes)
         self.fail_on_env = fail_on_env  # an environment variable set only on a "bad" node's processes
+        self.fail_once_marker = fail_once_marker
+        if shard_offset and not shard_stride:
+            raise ModelError("synthetic: shard_offset needs shard_stride (frames between shard starts)")
+        self.shard_offset, self.shard_stride = float(shard_offset) / 255.0, shard_stride
 
     def memory_bytes(self) -> int:
         return self.held_bytes
@@ -72,7 +84,9 @@ class SyntheticModel(VideoModel):
         m = re.search(r"/actor-(\d+)", name or "")
         return int(m.group(1)) if m else None
 
-    def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
+    def render(
+        self, frames: np.ndarray, cond: Any, state: State | None, span: tuple[int, int] | None = None
+    ) -> tuple[Outputs, State | None]:
         if self.bad_input:
             raise ModelError("synthetic: this input is refused (bad_input=true)")
         if self.fail_on_actor is not None and self.slot() == self.fail_on_actor:
@@ -81,6 +95,12 @@ class SyntheticModel(VideoModel):
             raise InjectedFault(f"synthetic: {self.fail_on_env} is set on this node")
         if self.fail_marker and os.path.exists(self.fail_marker):
             raise InjectedFault(f"synthetic: fault marker {self.fail_marker} present")
+        if self.fail_once_marker:
+            try:
+                os.remove(self.fail_once_marker)  # once: whoever removes it fails
+                raise InjectedFault(f"synthetic: fault marker {self.fail_once_marker} (once)")
+            except FileNotFoundError:
+                pass
         if self.oom_above is not None and len(frames) > self.oom_above:
             import torch
 
@@ -92,6 +112,9 @@ class SyntheticModel(VideoModel):
             time.sleep(delay)
         rgb = 1.0 - frames.astype(np.float32) / 255.0  # [T, H, W, 3]
         alpha = rgb.mean(axis=-1, keepdims=True)
+        if self.shard_offset and span is not None and (span[0] // self.shard_stride) % 2:
+            o = self.shard_offset
+            rgb, alpha = (np.where(x < 0.5, x + o, x - o) for x in (rgb, alpha))
         seen = int(state["frames"][0]) if state else 0
         if self.drop_frame_marker and len(frames) > 1:
             try:

@@ -10,20 +10,24 @@ from __future__ import annotations
 from typing import Any
 
 from farm.sinks import OutputTarget, make_sink
-from farm.stitch import Ramp, blend, to_uint8
+from farm.stitch import Ramp, blend, seam_disagreement, to_uint8
 from farm.worker import load_npz
 
 
 def blend_overlap(
     target: OutputTarget, name: str, start: int, tail_url: str, head_url: str, kind: Ramp = "linear"
 ) -> dict[str, Any]:
-    """Blend shard i's tail with shard i+1's head (same frame indices) and write it as a piece."""
+    """Blend shard i's tail with shard i+1's head (same frame indices) and write it as a piece.
+
+    The piece record carries ``seam``: how far the two renders disagreed before the blend
+    (``farm.stitch.seam_disagreement``); the driver takes it off before the piece is committed."""
     so = target.storage_options
     tail = load_npz(tail_url, so)["frames"]  # [n, H, W, C] float16
     head = load_npz(head_url, so)["frames"]
     if tail.shape != head.shape:
         raise ValueError(f"{name}: overlap frames differ: {tail.shape} vs {head.shape}")
-    return make_sink(target).write_piece(name, start, to_uint8(blend(tail, head, kind)))
+    seam = seam_disagreement(tail, head, start)
+    return {**make_sink(target).write_piece(name, start, to_uint8(blend(tail, head, kind))), "seam": seam}
 
 
 def commit_output(target: OutputTarget, pieces: list[dict[str, Any]]) -> dict[str, Any]:

@@ -254,11 +254,19 @@ def status(target: str, address: str | None, as_json: bool) -> None:
                 click.echo(
                     f"  {v['status']:9s} {v['url']}: shards {v['shards_done']}/{v['shards']}, frames "
                     f"{v['frames_done']}/{v['frames']}, failures {v['failures']}"
+                    + _seam_text(v.get("worst_seam"), v.get("seam_disagreement_max"))
                     + (f": {v['error']}" if v.get("error") else "")
                 )
     videos = (doc if ray_state is None else doc.get("ledger") or {}).get("videos", {})
     bad = ray_state in ("FAILED", "STOPPED") or any(v["status"] == "failed" for v in videos.values())
     sys.exit(EXIT_FAILED if bad else EXIT_OK)
+
+
+def _seam_text(seam: dict | None, worst: float | None) -> str:
+    """``, worst seam 0.40/255 (alpha, frame 28)``: where two shards' renders disagreed most before blending."""
+    if not seam:
+        return ", worst seam 0/255 (no frame rendered twice)" if worst == 0 else ""
+    return f", worst seam {seam['worst']:.2f}/255 ({seam['output']}, frame {seam['worst_frame']})"
 
 
 @main.command()

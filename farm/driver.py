@@ -277,7 +277,11 @@ class JobRunner:
                        seconds=record.seconds)
             seconds = record.seconds
         elif unit.kind == Kind.BLEND:
-            run.pieces[unit.channel].append(c.value)  # type: ignore[index]
+            piece = dict(c.value)
+            seam = {"output": unit.channel, **piece.pop("seam")}  # measured by the blend, not committed
+            run.seams.append(seam)
+            self.event(EventKind.SEAM_MEASURED, video=run.key, **seam)
+            run.pieces[unit.channel].append(piece)  # type: ignore[index]
         elif unit.kind == Kind.COMMIT:
             run.outputs[unit.channel] = c.value  # type: ignore[index]
         sched.on_done(c.attempt, now, seconds)
@@ -333,7 +337,7 @@ class JobRunner:
         if run.status != "running":
             return
         run.status, run.seconds = "succeeded", time.time() - run.started
-        self.ledger.write_video(run.key, VideoRecord(run.input.url, run.outputs, run.fingerprint))
+        self.ledger.write_video(run.key, VideoRecord(run.input.url, run.outputs, run.fingerprint, run.seams))
         self.event(EventKind.VIDEO_DONE, video=run.key, seconds=run.seconds,
                    outputs=sorted(o["url"] for o in run.outputs.values() if o.get("url")))
 

@@ -35,6 +35,7 @@ class EventKind(str, Enum):
     SHARD_CANCELLED = "shard_cancelled"
     SHARD_DONE = "shard_done"
     COPY_STOPPED = "copy_stopped"
+    SEAM_MEASURED = "seam_measured"  # a blend measured how far two shards' renders of shared frames disagree
     VIDEO_FAILED = "video_failed"
     VIDEO_DONE = "video_done"
 

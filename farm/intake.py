@@ -122,7 +122,7 @@ def load_done_records(spec: JobSpec, runs: list[VideoRun], ledger: Ledger, force
         if done and done.input != run.fingerprint:
             done = None  # the input changed since it was rendered (or was never fingerprinted)
         if done and not force and all(storage.exists(o["url"], spec.storage_options) for o in done.outputs.values()):
-            run.status, run.outputs, run.seconds = "skipped", done.outputs, 0.0
+            run.status, run.outputs, run.seconds, run.seams = "skipped", done.outputs, 0.0, list(done.seams)
             continue
         records = {} if force else ledger.shard_records(run.key)
         for i, rec in sorted(records.items()):

@@ -62,15 +62,17 @@ class ShardRecord:
 
 @dataclass
 class VideoRecord:
-    """A committed video: its outputs per channel and the input fingerprint they were rendered from."""
+    """A committed video: its outputs per channel, the input fingerprint they were rendered from, and its
+    seams (``farm.stitch.seam_disagreement`` per overlap and output; kept for skipped re-runs and status)."""
 
     url: str
     outputs: dict[str, dict[str, Any]]
     input: str | None = None
+    seams: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> VideoRecord:
-        return cls(d["url"], d.get("outputs") or {}, d.get("input"))
+        return cls(d["url"], d.get("outputs") or {}, d.get("input"), list(d.get("seams") or []))
 
 
 class Ledger:

@@ -20,6 +20,7 @@ log = logging.getLogger("farm")
 
 TAGS = ("job", "model")
 SECONDS_BUCKETS = [0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800]
+LEVELS_BUCKETS = [0.1, 0.25, 0.5, 1, 2, 4, 8, 16, 32, 64]  # seam disagreement, in 8-bit levels (1/255)
 
 
 class JobMetrics:
@@ -50,9 +51,22 @@ class JobMetrics:
         self.queue_depth = Gauge("farm_queue_depth", description="Shards not yet done nor running.", tag_keys=TAGS)
         self.active_actors = Gauge("farm_active_actors", description="Model actors alive in the pool.",
                                    tag_keys=TAGS)
+        self.shards_running = Gauge("farm_shards_running", description="Shard attempts running on actors now.",
+                                    tag_keys=TAGS)
+        self.seam_worst = Gauge(
+            "farm_seam_disagreement", tag_keys=TAGS,
+            description="Worst seam so far: mean absolute difference (1/255) of the worst frame two shards both "
+            "rendered, before blending.",
+        )
+        self.seam_mean = Histogram(
+            "farm_seam_disagreement_per_seam", boundaries=LEVELS_BUCKETS, tag_keys=TAGS,
+            description="Mean absolute difference (1/255) between two shards' renders of their shared frames, "
+            "one observation per seam and output.",
+        )
         self.actors = 0
         self.in_flight = 0
         self.shards_left: dict[str, int] = {}  # video -> shards not done, of the videos still running
+        self.worst = 0.0
 
     def on_event(self, event: Event) -> None:
         kind, e, t = event.kind, event.data, self.tags
@@ -70,6 +84,10 @@ class JobMetrics:
             self.in_flight += 1
             if e.get("attempt", 1) > 1:
                 self.shards_retried.inc(1, t)
+        elif kind == EventKind.SEAM_MEASURED:
+            self.worst = max(self.worst, float(e["worst"]))
+            self.seam_worst.set(self.worst, t)
+            self.seam_mean.observe(float(e["mean"]), t)
         elif kind == EventKind.SHARD_DONE:
             self.in_flight = max(0, self.in_flight - 1)
             if e["video"] in self.shards_left:
@@ -86,13 +104,19 @@ class JobMetrics:
         elif kind == EventKind.VIDEO_FAILED:
             self.shards_left.pop(e.get("video"), None)
             self.videos_failed.inc(1, t)
+        if kind == EventKind.START:
+            self.seam_worst.set(0.0, t)  # exported from the start: 0 until a seam is measured (handoff: always)
         if kind == EventKind.FINISH:
             self.actors = 0
             self.active_actors.set(0, t)
             self.queue_depth.set(0, t)
+            self.in_flight = 0
         elif kind in (EventKind.START, EventKind.SHARD_DISPATCHED, EventKind.SHARD_DONE, EventKind.SHARD_FAILED,
                       EventKind.VIDEO_FAILED):
             self.queue_depth.set(max(0, sum(self.shards_left.values()) - self.in_flight), t)
+        if kind in (EventKind.START, EventKind.FINISH, EventKind.SHARD_DISPATCHED, EventKind.SHARD_DONE,
+                    EventKind.SHARD_FAILED):
+            self.shards_running.set(self.in_flight, t)
 
     def _output_bytes(self, urls: list[str]) -> int:
         import fsspec

@@ -14,6 +14,7 @@ from typing import Any
 from farm import storage
 from farm.events import Event, EventKind
 from farm.ledger import Ledger, ledger_root
+from farm.stitch import seam_summary, worst_seam
 
 REPORT_NAME = "report.parquet"
 
@@ -33,12 +34,14 @@ class RunCounts:
 
 
 def report_rows(result: Any, counts: RunCounts, fingerprints: dict[str, str | None]) -> list[dict[str, Any]]:
-    """One row per video of the run: url, status, error, frames, seconds, fps, outputs, shards dispatched."""
+    """One row per video of the run: url, status, error, frames, seconds, fps, outputs, shards dispatched,
+    and seam quality (``seam_disagreement_max``/``_mean``, 1/255; None for a video with no output)."""
     rows = []
     for key, v in result.manifest["videos"].items():
         frames = v["frames"]
         seconds = float(v["seconds"] or 0.0)
         rendered = v["status"] == "succeeded" and frames and seconds > 0
+        seams = seam_summary(v.get("seams") or []) if v["status"] in ("succeeded", "skipped") else None
         rows.append(
             {
                 "url": v["url"],
@@ -54,6 +57,8 @@ def report_rows(result: Any, counts: RunCounts, fingerprints: dict[str, str | No
                 "shards_failed": counts.failed.get(key, 0),
                 "outputs": sorted(o["url"] for o in v["outputs"].values() if o.get("url")),
                 "input_fingerprint": fingerprints.get(key),
+                "seam_disagreement_max": seams["max"] if seams else None,
+                "seam_disagreement_mean": seams["mean"] if seams else None,
             }
         )
     return rows
@@ -79,6 +84,8 @@ def write_report(ledger: Ledger, result: Any, counts: RunCounts, fingerprints: d
             ("shards_failed", pa.int64()),
             ("outputs", pa.list_(pa.string())),
             ("input_fingerprint", pa.string()),
+            ("seam_disagreement_max", pa.float64()),
+            ("seam_disagreement_mean", pa.float64()),
         ]
     )
     table = pa.Table.from_pylist(report_rows(result, counts, fingerprints), schema=schema)
@@ -157,11 +164,14 @@ def ledger_status(spec: Any) -> dict[str, Any]:
             "failures": failures.get(key, 0),
             "error": m.get("error"),
             "outputs": [o["url"] for o in record.outputs.values()] if record else [],
+            "worst_seam": worst_seam(record.seams if record else []),  # None: no overlap, or not done yet
+            "seam_disagreement_max": seam_summary(record.seams)["max"] if record else None,
         }
     for key, m in ((manifest or {}).get("videos") or {}).items():  # failed before planning (probe errors)
         if key not in videos:
             videos[key] = {"url": m["url"], "status": m["status"], "shards_done": 0, "shards": 0, "frames_done": 0,
-                           "frames": m.get("frames") or 0, "failures": 0, "error": m.get("error"), "outputs": []}
+                           "frames": m.get("frames") or 0, "failures": 0, "error": m.get("error"), "outputs": [],
+                           "worst_seam": None, "seam_disagreement_max": None}
     doc.update(state="finished" if manifest else "running or interrupted", videos=videos)
     if manifest:
         doc["report"] = ledger.url(REPORT_NAME)

@@ -6,7 +6,7 @@ never by timestamp, because some models change the frame rate.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 
@@ -40,3 +40,47 @@ def blend(tail: np.ndarray, head: np.ndarray, kind: Ramp = "linear") -> np.ndarr
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """``float [..., C]`` in [0, 1] -> ``uint8`` with rounding (not truncation, which darkens by 0.5 LSB)."""
     return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+
+
+def seam_disagreement(tail: np.ndarray, head: np.ndarray, start: int = 0) -> dict[str, Any]:
+    """How far two shards' renders of the same frames disagree, measured before they are blended.
+
+    ``tail`` and ``head`` are ``[n, H, W, C]`` in [0, 1]. Returns, in 1/255 (one 8-bit level): ``per_channel``,
+    the mean absolute difference per channel over the overlap; ``mean``, their mean; ``worst_frame``, the
+    video frame index (``start`` + k) where the worst channel differs most; ``worst``, that frame's value.
+    A stateless model renders both copies identically (0); a visible seam is a large ``worst``.
+    """
+    if tail.shape != head.shape:
+        raise ValueError(f"overlap shapes differ: tail {tail.shape} vs head {head.shape}")
+    n = tail.shape[0]
+    if n == 0:
+        return {"start": start, "frames": 0, "mean": 0.0, "per_channel": [], "worst_frame": None, "worst": 0.0}
+    diff = np.abs(tail.astype(np.float32) - head.astype(np.float32)) * 255.0
+    per_frame = diff.reshape(n, -1, diff.shape[-1]).mean(axis=1)  # [n, C]
+    channels = per_frame.mean(axis=0)
+    k = int(per_frame.max(axis=1).argmax())
+    return {
+        "start": start,
+        "frames": n,
+        "mean": round(float(channels.mean()), 4),
+        "per_channel": [round(float(c), 4) for c in channels],
+        "worst_frame": start + k,
+        "worst": round(float(per_frame[k].max()), 4),
+    }
+
+
+def seam_summary(seams: list[dict[str, Any]]) -> dict[str, float]:
+    """Per video: ``max`` is the worst frame over all seams, ``mean`` the frame-weighted mean disagreement
+    (both 1/255). No seams (one shard, or a handoff chain, which renders no frame twice) is 0."""
+    frames = sum(s["frames"] for s in seams)
+    if not frames:
+        return {"max": 0.0, "mean": 0.0}
+    return {
+        "max": max(s["worst"] for s in seams),
+        "mean": round(sum(s["mean"] * s["frames"] for s in seams) / frames, 4),
+    }
+
+
+def worst_seam(seams: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The seam with the worst frame, or None when nothing was rendered twice."""
+    return max(seams, key=lambda s: s["worst"], default=None)

@@ -38,6 +38,7 @@ class VideoRun:
     started: float = 0.0
     seconds: float = 0.0
     fingerprint: str | None = None  # input size + etag/mtime: a changed input is rendered again
+    seams: list[dict] = field(default_factory=list)  # farm.stitch.seam_disagreement per overlap and output
 
     @property
     def key(self) -> str:
@@ -68,6 +69,7 @@ class VideoRun:
             "shards": len(self.shards),
             "outputs": self.outputs,
             "seconds": round(self.seconds, 3),
+            "seams": sorted(self.seams, key=lambda m: (m["start"], m["output"])),
         }
 
 

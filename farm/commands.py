@@ -36,6 +36,16 @@ class Launch:
 
 
 @dataclass(frozen=True)
+class Prefetch:
+    """Tell ``slot`` the unit it most likely runs next, so it decodes its first chunks meanwhile (in a handoff
+    chain: before the state arrives). A hint: a wrong guess costs one decode."""
+
+    slot: int
+    video: str
+    unit: Unit
+
+
+@dataclass(frozen=True)
 class Cancel:
     """Stop the losing copy ``attempt`` on ``slot``; it stays in flight until it has stopped."""
 
@@ -82,7 +92,7 @@ class Emit:
     data: dict[str, Any]
 
 
-Command = Dispatch | Launch | Cancel | Ping | Kill | Replace | FailVideo | FinishVideo | Emit
+Command = Dispatch | Launch | Prefetch | Cancel | Ping | Kill | Replace | FailVideo | FinishVideo | Emit
 
 
 @dataclass(frozen=True)
@@ -93,3 +103,4 @@ class Config:
     stall_s: float = 300.0
     blocklist_after: int = 3
     max_failed_shards: int | None = None
+    prefetch: bool = False  # hint each actor its likely next shard (chunked models: decode runs ahead)

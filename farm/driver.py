@@ -39,12 +39,13 @@ from farm.schedule import (
     Kill,
     Launch,
     Ping,
+    Prefetch,
     Replace,
     Scheduler,
 )
 from farm.sinks import SinkError
 from farm.spec import JobSpec, absolute_local_paths
-from farm.video_run import VideoRun, check_plan, output_url, shard_task, video_context
+from farm.video_run import VideoRun, check_plan, handoff_at, output_url, shard_task, video_context
 from farm.worker import ModelConfig
 
 log = logging.getLogger("farm")
@@ -181,6 +182,7 @@ class JobRunner:
             stall_s=sch.stall_s,
             blocklist_after=sch.blocklist_after,
             max_failed_shards=self.spec.max_failed_shards,
+            prefetch=self.model_cls.chunk_frames is not None,  # whole-window models: a 2nd window is too dear
         )
         self.sched = Scheduler(config, r.actors)
         for run in sorted(todo, key=lambda v: -v.info.frame_count):  # longest first: no long tail (av1an)
@@ -304,6 +306,10 @@ class JobRunner:
                 state_ref = run.state_refs.get(state_from) if state_from is not None else None
                 pool.submit(cmd.attempt, cmd.slot, "render_shard", task, run.cond_ref, state_ref,
                             name=task.name + task.tag, returns=2)
+            elif isinstance(cmd, Prefetch):
+                run, i = self.videos[cmd.video], cmd.unit.shard
+                pool.prefetch(cmd.slot, run.input.url, run.shards[i],
+                              handoff_at(run, i, self.model_cls.passes, self.mode))
             elif isinstance(cmd, Launch):
                 self.launch(cmd)
             elif isinstance(cmd, Cancel):

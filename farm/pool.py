@@ -178,6 +178,11 @@ class Pool:
         if self.actors[slot] is not None and self.generation[slot] == generation:
             self.calls[self.actors[slot].ping.remote()] = ("ping", (slot, generation))
 
+    def prefetch(self, slot: int, url: str, shard: Any, handoff_at: int | None) -> None:
+        """A hint, not a call to wait for: the actor starts decoding ``shard`` on its second thread."""
+        if self.actors[slot] is not None:
+            self.actors[slot].prefetch.remote(url, shard, handoff_at, self.so)
+
     def kill(self, slot: int) -> None:
         if self.actors[slot] is not None:
             ray.kill(self.actors[slot])

@@ -35,6 +35,7 @@ from farm.commands import (  # noqa: F401 (the commands are this module's answer
     Kill,
     Launch,
     Ping,
+    Prefetch,
     Replace,
 )
 from farm.events import EventKind
@@ -129,6 +130,7 @@ class Scheduler:
         self.speculation = Speculation(config.speculative)
         self.budget = Budget(config.max_failed_shards)
         self._ids = itertools.count(1)
+        self.hinted: dict[int, tuple[str, str]] = {}  # slot -> (video, unit) it was told to prefetch
 
     @property
     def actors(self) -> list[Actor]:
@@ -274,6 +276,7 @@ class Scheduler:
             for *_, uid, v in ready:
                 avoid = v.avoid.get(uid, set())
                 fresh = [k for k in idle if k not in avoid]
+                fresh.sort(key=lambda k: self.hinted.get(k) != (v.key, uid))  # the actor already decoding it first
                 if fresh or live <= avoid:  # every actor failed it once: any may retry
                     self._dispatch((fresh or idle)[0], v, uid, now)
                     break
@@ -318,6 +321,21 @@ class Scheduler:
             v.copies.setdefault(uid, []).append(a.id)
             kind = EventKind.SHARD_SPECULATED if copy else EventKind.SHARD_DISPATCHED
             self._emit(kind, video=v.key, shard=unit.shard, actor=slot, attempt=number)
+            for k in [k for k, h in self.hinted.items() if h == (v.key, uid)]:
+                del self.hinted[k]
+            if not copy and self.config.prefetch:
+                self._hint(slot, v, unit)
+
+    def _hint(self, slot: int, v: VideoWork, unit: Unit) -> None:
+        """The unit of the same pass after ``unit`` that is neither done, running nor hinted elsewhere."""
+        taken = set(self.hinted.values())
+        later = sorted((u for u in v.units.values() if u.kind == unit.kind and (u.shard or 0) > (unit.shard or 0)),
+                       key=lambda u: u.shard or 0)
+        for u in later:
+            if v.state[u.id] in (UnitState.WAITING, UnitState.READY) and (v.key, u.id) not in taken:
+                self.hinted[slot] = (v.key, u.id)
+                self._out.append(Prefetch(slot, v.key, u))
+                return
 
     def _launch(self, v: VideoWork, uid: str, now: float) -> None:
         a = Attempt(next(self._ids), v.key, v.units[uid], None, 1, now)

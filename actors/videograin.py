@@ -83,6 +83,9 @@ DEFAULTS: dict[str, Any] = {
     "vae_batch": 4,  # frames per VAE call
     "attn_chunk": 1 << 26,  # score elements per explicit (modulated / FLATTEN) attention chunk
 }
+# Upstream's config names for params farm names otherwise: either spelling is accepted, not both.
+UPSTREAM_NAMES = {"num_inference_steps": "steps", "guidance_scale": "guidance",
+                  "controlnet_conditioning_scale": "control_scale"}
 _WORDS = re.compile(r"[\w'-]+")
 
 
@@ -97,6 +100,17 @@ def _as_list(value: Any, field: str) -> list[str]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) for v in value):
         raise ModelError(f"videograin: {field}: must be a list of strings (got {value!r})")
     return [v.strip() for v in value]
+
+
+def _farm_names(params: dict[str, Any]) -> dict[str, Any]:
+    """``params`` with upstream's config names turned into farm's; one line when both spell one param."""
+    out = dict(params)
+    for up, ours in UPSTREAM_NAMES.items():
+        if up in out:
+            if ours in out:
+                raise ModelError(f"videograin: {up}: the same param as {ours}; give one of them")
+            out[ours] = out.pop(up)
+    return out
 
 
 def _check_phrases(prompt: str, local_prompts: list[str]) -> None:
@@ -130,7 +144,7 @@ class VideoGrain(VideoModel):
 
     def __init__(self, **params: Any) -> None:
         self.validate_params(params)
-        merged = {**DEFAULTS, **params}
+        merged = {**DEFAULTS, **_farm_names(params)}
         super().__init__(**merged)
         self.p = merged
         self.unet: Any = None
@@ -142,10 +156,11 @@ class VideoGrain(VideoModel):
     @classmethod
     def validate_params(cls, params: dict[str, Any], complete: bool = False) -> None:
         """One-line ModelError naming the field; ``complete``: the per-video inputs must all be there."""
-        unknown = sorted(set(params) - set(DEFAULTS))
+        unknown = sorted(set(params) - set(DEFAULTS) - set(UPSTREAM_NAMES))
         if unknown:
-            raise ModelError(f"videograin: {unknown[0]}: unknown param (known: {', '.join(DEFAULTS)})")
-        p = {**DEFAULTS, **params}
+            raise ModelError(f"videograin: {unknown[0]}: unknown param (known: {', '.join(DEFAULTS)}; "
+                             f"also upstream's {', '.join(UPSTREAM_NAMES)})")
+        p = {**DEFAULTS, **_farm_names(params)}
 
         def number(key: str, lo: float, hi: float | None = None, integer: bool = False, lo_open: bool = False):
             v = p[key]

@@ -152,12 +152,16 @@ def test_prompt_validation_errors_name_the_field_and_word(tmp_path: Path) -> Non
                      ({"flow_method": "farneback"}, r"^videograin: flow_method: must be one of dis, raft"),
                      ({"use_pnp": True, "inject_step": 50}, r"^videograin: inject_step: must be below steps \(50\)"),
                      ({"old_qk": 2}, r"^videograin: old_qk: must be 0 or 1"),
-                     ({"b1": -1}, r"^videograin: b1: must be a number in \[0, inf\]")):
+                     ({"b1": -1}, r"^videograin: b1: must be a number in \[0, inf\]"),
+                     ({"guidance_scale": 7.5, "guidance": 5},
+                      r"^videograin: guidance_scale: the same param as guidance"),
+                     ({"num_inference_steps": 0}, r"^videograin: steps: must be an integer in \[1, 1000\]")):
         with pytest.raises(ModelError, match=msg):
             VideoGrain.validate_params(bad)
     VideoGrain.validate_params({"use_pnp": True, "inject_step": 10, "flatten_res": [1, 2, 4], "use_freeu": True,
                                 "b1": 1.2, "b2": 1.5, "s1": 1, "s2": 1, "flow_method": "raft",
-                                "flow_weights": "/w/raft_large.pth"})  # upstream's config names
+                                "flow_weights": "/w/raft_large.pth", "guidance_scale": 7.5, "num_inference_steps": 50,
+                                "controlnet_conditioning_scale": 0.7})  # upstream's config names
 
     job = {"name": "vg", "inputs": ["x.mp4"], "output": {"channels": ["rgb"]},
            "model": {"name": "videograin", "params": {**base, "local_prompts": ["two cars", "road bus"]}}}

@@ -35,7 +35,7 @@ def main() -> None:
     torch.set_num_threads(1)
     inp = np.load(REF / "inputs.npz")
     par = json.loads((REF / "params.json").read_text())
-    steps = 10 if args.quick else 25
+    steps = 6 if args.quick else 20
     tmp = Path(tempfile.mkdtemp(prefix="vgbench-"))
     masks = []
     for r, m in enumerate(inp["masks"]):

@@ -22,7 +22,10 @@ T, H, W, FPS = 20, 48, 64, 12
 WORDS = "a an the two on in of and is are car cars bus red blue truck road man dog cat walking white black".split()
 EDIT_A = {"prompt": "a red car and a white dog on the road", "local_prompts": ["a red car", "a white dog"]}
 EDIT_B = {"prompt": "a blue truck and a black cat on the road", "local_prompts": ["a blue truck", "a black cat"]}
-TINY = {"steps": 2, "resolution": 16, "guidance": 3.0, "modulate": 1.0, "anchors": 2, "feather": 2}
+# flatten_res: [] here: FLATTEN's optical flow comes from actors/flow.py (DIS / RAFT); the test that turns it on
+# hands the flow in. keep_background: on for the tests that measure it (upstream's default is off).
+TINY = {"steps": 2, "resolution": 16, "guidance": 3.0, "modulated_steps": 2, "anchors": 2, "feather": 2,
+        "flatten_res": [], "keep_background": True}
 
 
 def build_weights(root: Path) -> Path:
@@ -144,6 +147,21 @@ def test_prompt_validation_errors_name_the_field_and_word(tmp_path: Path) -> Non
     with pytest.raises(ModelError, match=r"stregth: unknown param"):
         VideoGrain.validate_params({"stregth": 0.5})
     VideoGrain.validate_params({**base, "local_prompts": "two cars; the road"})  # a manifest cell: ';'-separated
+    for bad, msg in (({"use_pnp": "yes"}, r"^videograin: use_pnp: must be true or false"),
+                     ({"flatten_res": [3]}, r"^videograin: flatten_res: must be a list of factors from \[1, 2, 4, 8\]"),
+                     ({"flow_method": "farneback"}, r"^videograin: flow_method: must be one of dis, raft"),
+                     ({"use_pnp": True, "inject_step": 50}, r"^videograin: inject_step: must be below steps \(50\)"),
+                     ({"old_qk": 2}, r"^videograin: old_qk: must be 0 or 1"),
+                     ({"b1": -1}, r"^videograin: b1: must be a number in \[0, inf\]"),
+                     ({"guidance_scale": 7.5, "guidance": 5},
+                      r"^videograin: guidance_scale: the same param as guidance"),
+                     ({"num_inference_steps": 0}, r"^videograin: steps: must be an integer in \[1, 1000\]")):
+        with pytest.raises(ModelError, match=msg):
+            VideoGrain.validate_params(bad)
+    VideoGrain.validate_params({"use_pnp": True, "inject_step": 10, "flatten_res": [1, 2, 4], "use_freeu": True,
+                                "b1": 1.2, "b2": 1.5, "s1": 1, "s2": 1, "flow_method": "raft",
+                                "flow_weights": "/w/raft_large.pth", "guidance_scale": 7.5, "num_inference_steps": 50,
+                                "controlnet_conditioning_scale": 0.7})  # upstream's config names
 
     job = {"name": "vg", "inputs": ["x.mp4"], "output": {"channels": ["rgb"]},
            "model": {"name": "videograin", "params": {**base, "local_prompts": ["two cars", "road bus"]}}}
@@ -206,6 +224,39 @@ def test_deterministic_confined_and_anchored(media: dict, one_thread) -> None:
     print(f"prompt change outside/inside: {ratios[0]:.3f} (whole-frame masks: {ratios[1]:.3f}); "
           f"anchors on/off {anchored:.4f}")
     assert ratios[0] < 0.25 and ratios[1] > 2 * ratios[0], ratios
+
+
+def test_whole_video_clip_skips_anchors_and_flatten_pnp_run_beside_them(media: dict, one_thread) -> None:
+    """A clip that is the whole video is upstream's case: no anchors. FLATTEN (flow handed in) and PnP run
+    beside the anchors of a longer video, whose keys/values stay those ``prepare`` made."""
+    span = (4, 10)
+    frames = np.stack(list(read_frames(media["video"], *span)))
+    m = model(media, keep_background=False)
+    cond = prepare(m, media, EDIT_A)
+    short = {**cond, "frame_count": span[1] - span[0]}  # as if the video were these 6 frames
+    whole = m.render(frames, short, None)[0]["rgb"]
+    assert np.array_equal(whole, m.render(frames, {**short, "anchors": None}, None)[0]["rgb"])
+
+    flows = []
+
+    def flow(frames_m: np.ndarray, p: dict) -> np.ndarray:  # 1 px right per frame at model size
+        flows.append(frames_m.shape)
+        f = np.zeros((len(frames_m) - 1, 2, *frames_m.shape[1:3]), np.float32)
+        f[:, 0] = 8.0
+        return f
+
+    outs = {}
+    for name, extra in (("plain", {}), ("flatten", {"flatten_res": [1, 2]}),
+                        ("flatten_pnp", {"flatten_res": [1, 2], "use_pnp": True, "inject_step": 1})):
+        mm = model(media, keep_background=False, **extra)
+        mm.flow = flow
+        c = prepare(mm, media, EDIT_A)
+        outs[name] = render(mm, c, frames, span)
+        assert np.allclose(mm.ctx.fingerprint, c["anchors"]["fingerprint"], rtol=1e-5), name
+    assert flows and all(s == (6, *m.model_size(H, W), 3) for s in flows)  # the clip's frames at model size
+    moved = {k: float(np.abs(outs[k] - outs["plain"]).mean()) for k in ("flatten", "flatten_pnp")}
+    print(f"FLATTEN moves the edit by {moved['flatten']:.4f}, + PnP by {moved['flatten_pnp']:.4f}")
+    assert moved["flatten"] > 1e-4 and abs(moved["flatten_pnp"] - moved["flatten"]) > 1e-5, moved
 
 
 # ---------------------------------------------------------------- through farm submit

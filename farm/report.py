@@ -121,8 +121,11 @@ def ledger_status(spec: Any) -> dict[str, Any]:
         done = ledger.done_shards(key)
         shards = p["shards"]
         last = shards[-1].get("stage", 0) if shards else 0  # two-pass models: frames are done after pass 2
-        frames_done = sum(
-            s["core_stop"] - s["core_start"] for i, s in enumerate(shards) if i in done and s.get("stage", 0) == last
+        final = [i for i, s in enumerate(shards) if s.get("stage", 0) == last]
+        frames_done = sum(shards[i]["core_stop"] - shards[i]["core_start"] for i in final if i in done) + sum(
+            shards[i]["stop"] - shards[i]["core_stop"]  # an overlap is rendered once both its shards are
+            for i in final
+            if i in done and i + 1 in done and i + 1 in final
         )
         record = ledger.read_json(f"videos/{key}.json")
         m = (manifest or {}).get("videos", {}).get(key, {})

@@ -91,6 +91,7 @@ def test_shifted_shards_report_their_offset(tmp_path, ray_session):
     out = CliRunner().invoke(main, ["status", str(tmp_path / "shifted.yaml")])
     assert out.exit_code == 0, out.output
     assert ", worst seam 8." in out.output or ", worst seam 7.9" in out.output, out.output
+    assert "shards 3/3, frames 40/40," in out.output  # overlap frames count as done once both shards are
 
 
 def test_handoff_chain_has_no_seam(tmp_path, ray_session):

@@ -51,7 +51,14 @@ class ChannelWriter:
                     f"{task.name}: {self.channel} segment has {entry['core']['frames']} frames, the plan says "
                     f"{s.core_stop - s.core_start} (frames lost between model and encoder)"
                 )
-            for side, parts in (("head", self.heads), ("tail", self.tails)):
+            for side, parts, want in (("head", self.heads, s.core_start - s.start),
+                                      ("tail", self.tails, s.stop - s.core_stop)):
+                got = sum(len(p) for p in parts)
+                if got != want:  # the stitcher blends these with the neighbour's: a short one fails the video
+                    raise SinkError(
+                        f"{task.name}: {self.channel} {side} overlap has {got} frames, the plan says {want} "
+                        "(frames lost between model and encoder)"
+                    )
                 if parts:
                     url = storage.join(task.targets[self.channel].parts_url, f"{s.name}{task.tag}.{side}.npz")
                     entry[side] = Ledger(task.ledger_root, task.storage_options).write_arrays(

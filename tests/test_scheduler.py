@@ -213,6 +213,28 @@ def test_lost_frame_is_detected_and_retried(ray_session, clip, reference, tmp_pa
     assert_same_frames(alpha(result), reference, events)
 
 
+def test_lost_overlap_frame_is_detected_and_retried(ray_session, clip, tmp_path):
+    """The model drops the last frame of shard 0, which lies in its tail overlap (its core is whole): the
+    shard fails and is retried, instead of the blend failing the whole video."""
+    marker = tmp_path / "drop-one-frame"
+    marker.touch()
+    j = job(clip, tmp_path, actors=1, params={"drop_frame_marker": str(marker)}, window={"frames": 12, "overlap": 2})
+    j["output"]["format"] = "png"
+    result, events, _ = run(j)
+    assert not marker.exists(), "the fault was never injected"
+    assert result.ok, result.manifest
+    (failed,) = of(events, "shard_failed")
+    assert "tail overlap has 1 frames, the plan says 2" in failed["error"], failed
+    from PIL import Image
+
+    (entry,) = result.manifest["videos"].values()
+    pngs = sorted(Path(entry["outputs"]["alpha"]["url"]).glob("*.png"))
+    got = np.stack([np.asarray(Image.open(p)) for p in pngs]).astype(int)
+    src = np.stack(list(read_frames(clip, 0, FRAMES))).astype(np.float32)
+    want = np.rint((1 - src / 255).mean(axis=-1) * 255).astype(int)  # the synthetic model's alpha
+    assert got.shape == want.shape and np.abs(got - want).max() <= 1
+
+
 def test_failure_budget_stops_scheduling(ray_session, clip, tmp_path):
     second = tmp_path / "second.mp4"
     shutil.copy(clip, second)

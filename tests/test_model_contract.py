@@ -84,15 +84,21 @@ RECIPES = [
 
 
 @pytest.fixture(scope="module")
-def built(tmp_path_factory) -> dict[str, tuple[Recipe, str | None]]:
+def built() -> dict[str, Any]:
+    """Per recipe: its weights, and one loaded model the tests share (loading is the slow part)."""
     return {}
 
 
-def make(recipe: Recipe, tmp: Path, cache: dict) -> VideoModel:
+def make(recipe: Recipe, tmp: Path, cache: dict, fresh: bool = False) -> VideoModel:
+    """The recipe's loaded model; ``fresh``: a new instance (as another actor would hold)."""
     if recipe.name not in cache:
         cache[recipe.name] = recipe.weights(tmp)
+    if not fresh and (recipe.name, "model") in cache:
+        return cache[(recipe.name, "model")]
     model = load_model_class(recipe.name)(**recipe.params)
     model.load(cache[recipe.name], device="cpu", dtype="float32")
+    if not fresh:
+        cache[(recipe.name, "model")] = model
     return model
 
 
@@ -160,8 +166,8 @@ def test_same_output_under_the_same_seed(recipe: Recipe, tmp_path_factory, built
     tmp = tmp_path_factory.mktemp(recipe.name)
     frames = clip()
     outs = []
-    for _ in range(2):  # two separate instances, as two actors would hold
-        model = make(recipe, tmp, built)
+    for fresh in (False, True):  # two separate instances, as two actors would hold
+        model = make(recipe, tmp, built, fresh)
         outs.append(model.render(frames, recipe.cond(model, frames), None)[0])
     for k in outs[0]:
         np.testing.assert_array_equal(outs[0][k], outs[1][k], err_msg=k)

@@ -76,7 +76,12 @@ class VideoModel:
     @classmethod
     def validate_params(cls, params: dict[str, Any]) -> None:
         """Check ``model.params`` without loading anything (``farm validate`` and spec parsing call it);
-        raise ModelError with a one-line message naming the param. Default: accept anything."""
+        raise ModelError with a one-line message naming the param. Default: build the model from them
+        (constructors check their params and load nothing), so a spec that validates can start its actors."""
+        try:
+            cls(**params)
+        except (TypeError, ValueError) as e:  # an unknown or missing param, a value of the wrong type
+            raise ModelError(f"{cls.name}: params: {str(e).strip().splitlines()[0]}") from None
 
     def load(self, weights: str | None, device: str = "cpu", dtype: str = "float32") -> None:
         """Load weights once per actor. Models without weights keep this no-op."""

@@ -4,7 +4,7 @@ Tiling. Upstream never tiles the CogVideoX VAE; farm tiles only when ``vae_tilin
 sequential``). A real clip (``videos/cockatoo.mp4``, area-resized to 384x672, 21 frames, as pass 1 sees
 it) is encoded with the reference's seeded random-weight VAE (``reference/void/model/vae``) both ways,
 and the untiled latents decoded both ways: max and mean |difference| of the scaled latents (their std
-for scale) and of the decoded frames on [0, 1].
+for scale) and of the decoded frames on [0, 1] (clamped, as pass 1 outputs them).
 
 Seam. The reference model and clip B (25 frames, 48x80, ``window_frames`` 21) in two pass-2 shards
 [0, 17) and [9, 25) that share 8 frames, after one pass 1 over the clip: with the warper's state handed
@@ -48,7 +48,7 @@ def tiling(quick: bool) -> dict[str, Any]:
         tiled = vae.encode(z_in).latent_dist.mode() * sf
         dec_tiled = vae.decode(plain / sf).sample
     lat = (tiled - plain).abs()
-    pix = ((dec_tiled - dec_plain) / 2).abs()  # [-1, 1] -> [0, 1] units
+    pix = ((dec_tiled / 2 + 0.5).clamp(0, 1) - (dec_plain / 2 + 0.5).clamp(0, 1)).abs()  # as pass 1 outputs them
     return {
         "size": f"{h}x{w}",
         "frames": 21,
@@ -99,7 +99,7 @@ def seam(quick: bool) -> dict[str, Any]:
     for name, second, noise in (("handoff", hand["rgb"], n_hand), ("no_handoff", cold["rgb"], n_cold)):
         s = steps_of(stitched(second))
         result[name] = {
-            "noise_mean_abs_diff_shared": round(float((n0[-shared:] - noise[:shared]).abs().mean()), 5),
+            "noise_mean_abs_diff_shared": round(float((n0[a[1] - shared : a[1]] - noise[:shared]).abs().mean()), 5),
             "output_mean_abs_diff_shared": round(float(np.abs(out0["rgb"][-shared:] - second[:shared]).mean()), 5),
             "step_at_seam_max": round(float(s[a[1] - shared - 1 : a[1]].max()), 5),
             "step_inside_max": round(float(np.r_[s[: a[1] - shared - 2], s[a[1] + 1 :]].max()), 5),

@@ -37,6 +37,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from actors.base import ModelError, Outputs, State, VideoContext, VideoModel, WindowSpec, check_state
+from actors.offload import Offload, memory_mode
 
 QUAD_LEVELS = (0, 63, 127, 255)
 MEMORY_MODES = ("full", "model_offload", "sequential")
@@ -205,8 +206,7 @@ class VOID(VideoModel):
             memory=memory,
             vae_tiling=vae_tiling,
         )
-        if memory not in MEMORY_MODES:
-            raise ModelError(f"void: memory must be one of {', '.join(MEMORY_MODES)} (got {memory!r})")
+        memory = memory_mode(memory, "void", MEMORY_MODES)
         if flow not in FLOW_METHODS:
             raise ModelError(f"void: flow must be one of {', '.join(FLOW_METHODS)} (got {flow!r})")
         if flow == "raft" and not flow_weights:
@@ -246,7 +246,7 @@ class VOID(VideoModel):
         self.tokenizer: Any = None
         self.scheduler_config: dict[str, Any] = {}
         self.add_noise_in_inpaint = False  # transformer/config.json's add_noise_in_inpaint_model
-        self.offload_moves = 0  # component/submodule moves done by the offload modes (tests read it)
+        self.offload = Offload(memory, "cpu", self._components)  # where components live and when they move
 
     # ------------------------------------------------------------------ weights
 
@@ -304,7 +304,8 @@ class VOID(VideoModel):
         if self.vae_tiling:
             self.vae.enable_tiling()
         self.device, self.dtype = device, dtype
-        self._place()
+        self.offload.device = device
+        self.offload.place()
 
     @staticmethod
     def _from_pretrained(cls: Any, path: Path, tdt: Any) -> Any:
@@ -322,78 +323,13 @@ class VOID(VideoModel):
         comps = [self.text_encoder, self.vae, self.transformer]
         return comps + ([self.transformer2] if self.transformer2 is not self.transformer else [])
 
-    def _place(self) -> None:
-        """Memory modes: ``full`` puts everything on the device; ``model_offload`` keeps components on the
-        CPU and moves each one while it runs (``_use``); ``sequential`` moves each submodule's own weights
-        in for its forward and out after (forward hooks), so only one layer is resident at a time."""
-        for m in self._components():
-            m.to("cpu" if self.memory != "full" else self.device)
-        if self.memory == "sequential":
-            for m in self._components():
-                self._attach_sequential(m)
-
-    def _attach_sequential(self, root: Any) -> None:
-        import torch
-
-        dev = torch.device(self.device)
-
-        def move(mod: Any, to: Any) -> None:
-            for p in mod.parameters(recurse=False):
-                p.data = p.data.to(to)
-            for name, b in mod.named_buffers(recurse=False):
-                mod._buffers[name] = b.to(to)
-            self.offload_moves += 1
-
-        def to_dev(x: Any) -> Any:
-            if isinstance(x, torch.Tensor):
-                return x.to(dev)
-            if isinstance(x, (list, tuple)):
-                return type(x)(to_dev(v) for v in x)
-            if isinstance(x, dict):
-                return {k: to_dev(v) for k, v in x.items()}
-            return x
-
-        def pre(mod: Any, args: Any, kwargs: Any) -> Any:
-            move(mod, dev)
-            return to_dev(args), to_dev(kwargs)
-
-        def post(mod: Any, args: Any, output: Any) -> None:
-            move(mod, "cpu")
-
-        for mod in root.modules():
-            if any(True for _ in mod.parameters(recurse=False)) or any(True for _ in mod.buffers(recurse=False)):
-                mod.register_forward_pre_hook(pre, with_kwargs=True)
-                mod.register_forward_hook(post)
-
-    @contextmanager
-    def _use(self, module: Any) -> Iterator[Any]:
-        """``module`` on the device for the duration (model_offload), else as placed."""
-        if self.memory != "model_offload":
-            yield module
-            return
-        module.to(self.device)
-        self.offload_moves += 1
-        try:
-            yield module
-        finally:
-            module.to("cpu")
-            self.offload_moves += 1
-            if str(self.device).startswith("cuda"):
-                import torch
-
-                torch.cuda.empty_cache()
+    @property
+    def offload_moves(self) -> int:
+        """Component or submodule moves the memory mode has made (0 under ``full`` and on the CPU)."""
+        return self.offload.moves
 
     def memory_bytes(self) -> int:
-        if self.transformer is None or self.device == "cpu" or self.memory != "full":
-            return 0
-        seen: set[int] = set()
-        total = 0
-        for m in self._components():
-            for p in m.parameters():
-                if id(p) not in seen:
-                    seen.add(id(p))
-                    total += p.numel() * p.element_size()
-        return total
+        return self.offload.resident_bytes() if self.transformer is not None else 0
 
     def _need(self) -> None:
         if self.transformer is None:
@@ -464,8 +400,8 @@ class VOID(VideoModel):
         ids = self.tokenizer(
             [text], padding="max_length", max_length=n, truncation=True, add_special_tokens=True, return_tensors="pt"
         ).input_ids
-        with torch.inference_mode(), self._use(self.text_encoder) as te:
-            emb = te(ids.to(self.device if self.memory != "sequential" else "cpu"))[0]
+        with torch.inference_mode(), self.offload.use(self.text_encoder) as te:
+            emb = te(ids.to(self.offload.execution_device))[0]
         return emb[0].float().cpu().numpy()
 
     # ------------------------------------------------------------------ pass 1
@@ -715,13 +651,13 @@ class VOID(VideoModel):
         return change[:, 0]
 
     def _vae_device(self) -> Any:
-        return "cpu" if self.memory == "sequential" else self.device
+        return self.offload.execution_device
 
     def _encode(self, pixels: Any) -> Any:
         """``[F, 3, h, w]`` -> scaled latents ``[1, L, C, h/8, w/8]`` (the distribution's mode)."""
         import torch
 
-        with self._use(self.vae) as vae:
+        with self.offload.use(self.vae) as vae:
             z = pixels.permute(1, 0, 2, 3)[None].to(self._vae_device(), getattr(torch, self.dtype))
             lat = vae.encode(z).latent_dist.mode() * vae.config.scaling_factor
         return lat.float().to(self.device).permute(0, 2, 1, 3, 4)
@@ -734,7 +670,7 @@ class VOID(VideoModel):
         alignment; see the README)."""
         import torch
 
-        with torch.inference_mode(), self._use(self.vae) as vae:
+        with torch.inference_mode(), self.offload.use(self.vae) as vae:
             z = (1 / vae.config.scaling_factor * latents).permute(0, 2, 1, 3, 4)
             z = z.to(self._vae_device(), getattr(torch, self.dtype))
             f = 4 * (z.shape[2] - 1) + 1
@@ -827,7 +763,7 @@ class VOID(VideoModel):
                 pred = uncond + guidance * (text - uncond)
             return sched.step(pred, t, x, return_dict=False)[0].to(tdt)
 
-        with torch.inference_mode(), self._use(transformer) as tr:
+        with torch.inference_mode(), self.offload.use(transformer) as tr:
             for t in sched.timesteps:
                 if len(windows) == 1:
                     latents = sample(tr, latents, inpaint, t)

@@ -465,15 +465,10 @@ class VideoGrain(VideoModel):
     def flow(self, frames_m: np.ndarray, p: dict[str, Any]) -> np.ndarray:
         """Optical flow frame t -> t+1, ``float32 [T-1, 2, H, W]`` at model size (pixels, x then y, with
         ``a(x) = b(x + d)``), from ``actors.flow.estimate_flow``: DIS, or RAFT-large given ``flow_weights``."""
-        import inspect
-
         import torch
 
         from actors.flow import estimate_flow
 
-        if "method" not in inspect.signature(estimate_flow).parameters:
-            raise ModelError("videograin: flatten_res needs actors/flow.estimate_flow(a, b, method=, weights=) "
-                             "(DIS / RAFT), which this install lacks; set flatten_res: [] to edit without FLATTEN")
         x = torch.from_numpy(np.array(frames_m, dtype=np.float32)).permute(0, 3, 1, 2) / 255
         fl = estimate_flow(x[:-1], x[1:], method=p["flow_method"], weights=p["flow_weights"])
         return np.asarray(fl.float().cpu().numpy() if hasattr(fl, "cpu") else fl, dtype=np.float32)

@@ -186,16 +186,11 @@ def test_trajectories_match_upstream() -> None:
 def test_estimated_flow_gives_upstreams_trajectories() -> None:
     """In production FLATTEN's flow comes from ``actors/flow.py`` (DIS offline): on the reference clip (a pan
     of (+18, +6) px per frame) its trajectories equal those upstream built from the supplied flow."""
-    import inspect
-
     import torch
 
-    from actors.flow import estimate_flow
     from actors.videograin import VideoGrain
     from actors.videograin_flatten import trajectories
 
-    if "method" not in inspect.signature(estimate_flow).parameters:
-        pytest.skip("actors/flow.estimate_flow has no method= yet (the DIS / RAFT estimator of issue 13)")
     inp = np.load(REF / "inputs.npz")
     m = VideoGrain(flatten_res=[1, 2, 4])
     flow = torch.from_numpy(m.flow(inp["frames"], m.p))

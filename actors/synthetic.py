@@ -1,10 +1,11 @@
 """A synthetic model with a known cost and injectable faults, for benchmarks and fault-tolerance tests.
 
-It inverts the frames (so outputs are checkable) and can: sleep a fixed time per frame without using
-the CPU (orchestration benchmarks), carry a running frame counter as state (handoff checks), and fail
-on purpose — on given shards' frames, on one actor, with a simulated GPU out-of-memory above a batch
-size, or slowly on one actor (straggler tests). Actors are told apart by their pool slot, read from
-the Ray actor name the driver gives each actor (``<job>/actor-<slot>``).
+It inverts the frames (so outputs are checkable) and can: take a fixed time per frame, as an accelerator
+would, sleeping what its own small CPU work leaves of it (orchestration and accelerator benchmarks),
+carry a running frame counter as state (handoff checks), and fail on purpose — on given shards' frames,
+on one actor, with a simulated GPU out-of-memory above a batch size, or slowly on one actor (straggler
+tests). Actors are told apart by their pool slot, read from the Ray actor name the driver gives each
+actor (``<job>/actor-<slot>``).
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ class InjectedFault(RuntimeError):
 
 
 class SyntheticModel(VideoModel):
-    """Params: ``sleep_per_frame`` (s); ``fail_on_actor`` (slot that always raises);
+    """Params: ``sleep_per_frame`` (s: the wall time a call takes per frame, its inversion included);
+    ``fail_on_actor`` (slot that always raises);
     ``slow_actor`` and ``slow_factor``; ``oom_above`` (raise torch's OutOfMemoryError when one call
     gets more frames than this); ``bad_input`` (raise ModelError: an input error, never retried);
     ``fail_marker`` (a path: every call raises while that file exists, a transient fault);
@@ -87,6 +89,7 @@ class SyntheticModel(VideoModel):
     def render(
         self, frames: np.ndarray, cond: Any, state: State | None, span: tuple[int, int] | None = None
     ) -> tuple[Outputs, State | None]:
+        t0 = time.perf_counter()
         if self.bad_input:
             raise ModelError("synthetic: this input is refused (bad_input=true)")
         if self.fail_on_actor is not None and self.slot() == self.fail_on_actor:
@@ -105,11 +108,6 @@ class SyntheticModel(VideoModel):
             import torch
 
             raise torch.OutOfMemoryError(f"synthetic: {len(frames)} frames > oom_above={self.oom_above}")
-        delay = self.sleep_per_frame * len(frames)
-        if self.slow_actor is not None and self.slot() == self.slow_actor:
-            delay *= self.slow_factor
-        if delay:
-            time.sleep(delay)
         rgb = 1.0 - frames.astype(np.float32) / 255.0  # [T, H, W, 3]
         alpha = rgb.mean(axis=-1, keepdims=True)
         if self.shard_offset and span is not None and (span[0] // self.shard_stride) % 2:
@@ -122,6 +120,11 @@ class SyntheticModel(VideoModel):
                 rgb, alpha = rgb[:-1], alpha[:-1]
             except FileNotFoundError:
                 pass
+        delay = self.sleep_per_frame * len(frames)
+        if self.slow_actor is not None and self.slot() == self.slow_actor:
+            delay *= self.slow_factor
+        if delay:  # a device's fixed cost: the call takes ``delay`` in all, its own small CPU work included
+            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
         return {"alpha": alpha, "fgr": rgb}, {"frames": np.array([seen + len(frames)], dtype=np.int64)}
 
 

@@ -116,6 +116,9 @@ class ModelWorker:
         self._writes, self._active_writes = threading.Condition(), 0
         self._prefetched: list[ChunkReader] = []  # the next shards' first chunks, decoding (``prefetch``)
         self._prefetch_lock, self.prefetch_hits = threading.Lock(), 0
+        # Held by a shard's model loop: a second shard queued on this actor (max_concurrency >= 3) decodes
+        # its first chunks and starts its model calls while the first one's encoders finish.
+        self._model_lock = threading.Lock()
         # A model that cannot load is reported by ``info()``, never raised: an exception escaping
         # ``__init__`` fails Ray's creation task, which prints a traceback and a crash dump on the driver.
         self.load_error: str | None = None
@@ -265,38 +268,17 @@ class ModelWorker:
         run_start = s.start - s.preroll
         ranges = _render_ranges(run_start, s, task.handoff_at, task.chunk)
         depth = pipeline_depth()
-        reader = self._reader(task, ranges, depth)
         previous = load_previous(task, ledger) if s.stage == 1 else None
-        handoff_state: State | None = None
-        rendered = 0
+        reader = self._reader(task, ranges, depth)
         splits: list[int] = []  # batch sizes that ran out of memory and were halved
         background, consumers = None, {}
         try:
             background, consumers = self._consumers(task)
             with Pipeline(reader, consumers, depth=1 if depth else 0) as pipe:
-                for a, b, batch in pipe.chunks():
-                    self.stop_if_aborted(task)
-                    self.call_started = time.monotonic()
-                    try:
-                        if previous is not None:  # pass 2 of a shard: one call over the whole window
-                            prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
-                            shared = (s.core_start - s.start, s.stop - s.core_stop)
-                            outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
-                            if b == s.stop and state is not None and s.stop > s.core_stop:
-                                handoff_state = state  # the noise of the frames the next shard shares
-                        else:
-                            outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
-                    finally:
-                        self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
-                        self.call_started = None
-                        self.progress += 1
-                    del batch
-                    rendered += b - a
-                    if b == task.handoff_at:
-                        handoff_state = state
-                    if b > s.start:  # preroll chunks only warm the state: their outputs are dropped
-                        pipe.emit((a, b, outputs))
-                    del outputs
+                with self._model_lock:  # one shard's model calls at a time; its writers finish outside
+                    wait, cpu0 = time.perf_counter(), time.thread_time()
+                    rendered, handoff_state = self._model_calls(task, pipe, cond, state, previous, splits)
+                    model_s, model_cpu_s = time.perf_counter() - wait, time.thread_time() - cpu0
                 results = pipe.finish()
         finally:
             reader.close()
@@ -314,9 +296,44 @@ class ModelWorker:
             record["state_url"] = ledger.write_state(task.video_key, s.name, handoff_state)
         if splits:
             record["oom_splits"] = splits
+        # Where the time goes: the model loop's wall and CPU seconds (waits on decoder and writers included),
+        # and each pipeline thread's CPU seconds (none on the serial path, where the model loop does it all)
+        record["stages"] = {"model_loop_s": model_s, "model_loop_cpu_s": model_cpu_s, "decode_cpu_s": reader.cpu_s}
+        record["stages"].update({f"write_{k}_cpu_s": v for k, v in pipe.cpu_s.items()})
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}
         return record, handoff_state
+
+    def _model_calls(
+        self, task: ShardTask, pipe: Pipeline, cond: Any, state: State | None, previous: Any, splits: list[int]
+    ) -> tuple[int, State | None]:
+        """The model's calls over the shard's chunks, back to back; each output goes to the writers.
+        Returns the frames rendered and the state to hand to the next shard."""
+        s, rendered, handoff_state = task.shard, 0, None
+        for a, b, batch in pipe.chunks():
+            self.stop_if_aborted(task)
+            self.call_started = time.monotonic()
+            try:
+                if previous is not None:  # pass 2 of a shard: one call over the whole window
+                    prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
+                    shared = (s.core_start - s.start, s.stop - s.core_stop)
+                    outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
+                    if b == s.stop and state is not None and s.stop > s.core_stop:
+                        handoff_state = state  # the noise of the frames the next shard shares
+                else:
+                    outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
+            finally:
+                self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
+                self.call_started = None
+                self.progress += 1
+            del batch
+            rendered += b - a
+            if b == task.handoff_at:
+                handoff_state = state
+            if b > s.start:  # preroll chunks only warm the state: their outputs are dropped
+                pipe.emit((a, b, outputs))
+            del outputs
+        return rendered, handoff_state
 
     def _consumers(self, task: ShardTask) -> tuple[Background | None, dict[str, Any]]:
         """What runs behind the model: a writer per output channel, or pass 1's keeper of the whole window."""
@@ -326,7 +343,9 @@ class ModelWorker:
         if "comp" in task.targets:
             t = task.targets["comp"]
             background = Background(task.background, t.width, t.height, task.storage_options)
-        threads = max(1, int(self.cpus // max(len(task.targets), 1)))  # the actor's CPUs, shared by its encoders
+        # Each encoder may use every CPU of the actor: the channels' encoders run at once (alpha's is cheaper
+        # than fgr's), and the OS balances their threads over the actor's cores.
+        threads = max(1, round(self.cpus))
         consumers: dict[str, Any] = {}
         try:
             for ch, target in task.targets.items():

@@ -112,6 +112,25 @@ class VideoModel:
         return 0
 
 
+def device_frames(frames: np.ndarray, device: Any) -> Any:
+    """``frames`` as a torch tensor on ``device``. On CUDA the actor's pipeline has usually started that copy
+    already (pinned memory, a side stream, while the previous batch computed): this waits for it on the
+    current stream instead of copying again. Anything else is copied here."""
+    import torch
+
+    copy = getattr(frames, "device_copy", None)
+    want = torch.device(device)
+    if copy is not None and want.type == "cuda":
+        if want.index is None:
+            want = torch.device("cuda", torch.cuda.current_device())
+        if copy.device == want:
+            stream = torch.cuda.current_stream(want)
+            stream.wait_event(frames.ready)  # type: ignore[attr-defined]
+            copy.record_stream(stream)  # the allocator must not reuse it before this stream is done
+            return copy
+    return torch.from_numpy(np.asarray(frames)).to(want)
+
+
 def check_state(state: State | None, expected: dict[str, tuple[int, ...]], model: str) -> None:
     """Refuse a handed-off state whose arrays do not fit this shard (e.g. another resolution)."""
     if state is None:

@@ -14,7 +14,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from actors.base import ModelError, Outputs, State, VideoModel, WindowSpec, check_state
+from actors.base import ModelError, Outputs, State, VideoModel, WindowSpec, check_state, device_frames
 
 STATE_KEYS = ("r1", "r2", "r3", "r4")
 VARIANTS = ("mobilenetv3", "resnet50")  # as in rvm_net; repeated so that building the adapter needs no torch
@@ -142,9 +142,10 @@ class RVM(VideoModel):
         alpha = np.empty((t, h, w, 1), np.float32)
         fgr = np.empty((t, h, w, 3), np.float32)
         with torch.inference_mode():
+            src = device_frames(frames, self.device)  # [T, H, W, 3] uint8 (on CUDA, uploaded while the last ran)
             for start in range(0, t, self.seq_chunk):
                 stop = min(t, start + self.seq_chunk)
-                x = torch.from_numpy(frames[start:stop]).to(self.device)  # [t, H, W, 3] uint8
+                x = src[start:stop]
                 # /255 in float32 whatever the model dtype, then cast: [1, t, 3, H, W]
                 x = (x.permute(0, 3, 1, 2).to(torch.float32) / 255).to(self.dtype).unsqueeze(0)
                 f, p, *rec = self.net(x, *rec, downsample_ratio=ratio)  # f [1, t, 3, H, W], p [1, t, 1, H, W]

@@ -13,7 +13,8 @@ from pathlib import Path
 from typing import Any
 
 HERE = Path(__file__).parent
-BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams")  # seams: RVM handoff vs preroll error
+# seams: RVM handoff vs preroll error; accelerator: the model's busy share, pipelined actor vs serial loop
+BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator")
 
 
 def _load(name: str) -> dict[str, Any] | None:

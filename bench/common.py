@@ -176,6 +176,7 @@ def job_spec(
     cpus_per_actor: float = 1.0,
     window: dict[str, Any] | None = None,
     channels: tuple[str, ...] = ("alpha",),
+    format: str = "mp4",
 ) -> Any:
     """A JobSpec built the way a user writes one (YAML through parse_spec)."""
     from farm.spec import parse_spec
@@ -184,7 +185,7 @@ def job_spec(
         "name": name,
         "inputs": inputs,
         "model": model,
-        "output": {"uri": str(out_dir / "{job}/{stem}_{channel}.{ext}"), "channels": list(channels), "format": "mp4"},
+        "output": {"uri": str(out_dir / "{job}/{stem}_{channel}.{ext}"), "channels": list(channels), "format": format},
         "resources": {"actors": actors, "cpus_per_actor": cpus_per_actor},
     }
     if window:

@@ -58,6 +58,9 @@ class Piece:
     def close(self) -> dict[str, Any]:
         raise NotImplementedError
 
+    def discard(self) -> None:
+        """Drop what was written so far (the shard failed or was cancelled): nothing of it is uploaded."""
+
 
 class FsspecSink:
     """Base: fsspec I/O with retries and atomic puts. Subclasses override ``open_piece``."""
@@ -72,7 +75,8 @@ class FsspecSink:
     def on_write_start(self) -> None:
         """Nothing to reserve: pieces and the final key are written atomically when ready."""
 
-    def open_piece(self, name: str, start: int) -> Piece:
+    def open_piece(self, name: str, start: int, threads: int = 0) -> Piece:
+        """``threads``: the encoder's thread count where it has one (0: its own choice)."""
         raise NotImplementedError
 
     def write_piece(self, name: str, start: int, frames: np.ndarray) -> dict[str, Any]:
@@ -92,7 +96,7 @@ class FsspecSink:
 
 
 class _SegmentPiece(Piece):
-    def __init__(self, sink: VideoSink, name: str, start: int) -> None:
+    def __init__(self, sink: VideoSink, name: str, start: int, threads: int = 0) -> None:
         super().__init__(sink, name, start)
         from farm.video import SegmentWriter
 
@@ -107,6 +111,7 @@ class _SegmentPiece(Piece):
             format=t.format,
             channels=t.components,
             quality=t.quality,
+            threads=threads,
         )
 
     def write(self, batch: np.ndarray) -> None:
@@ -136,12 +141,20 @@ class _SegmentPiece(Piece):
         finally:
             os.unlink(self.path)
 
+    def discard(self) -> None:
+        try:
+            self.writer.close()
+        except Exception:  # noqa: BLE001 - the piece is dropped whatever state its encoder is in
+            pass
+        if os.path.exists(self.path):
+            os.unlink(self.path)
+
 
 class VideoSink(FsspecSink):
     """mp4 (H.264) or mov (ProRes 4444): each piece an independently decodable segment."""
 
-    def open_piece(self, name: str, start: int) -> Piece:
-        return _SegmentPiece(self, name, start)
+    def open_piece(self, name: str, start: int, threads: int = 0) -> Piece:
+        return _SegmentPiece(self, name, start, threads)
 
     def on_write_complete(self, pieces: list[dict[str, Any]]) -> dict[str, Any]:
         from farm.video import concat_segments, decoded_frame_count
@@ -191,7 +204,7 @@ class _PngPiece(Piece):
 class PngSequenceSink(FsspecSink):
     """A folder of ``000000.png`` … named by frame index; no concat needed."""
 
-    def open_piece(self, name: str, start: int) -> Piece:
+    def open_piece(self, name: str, start: int, threads: int = 0) -> Piece:
         return _PngPiece(self, name, start)
 
     def on_write_complete(self, pieces: list[dict[str, Any]]) -> dict[str, Any]:

@@ -387,7 +387,7 @@ class SegmentWriter:
 
     mp4: H.264 (libx264, crf=quality, no B-frames, IDR first); yuv420p, or yuv444p for odd sizes.
     mov: ProRes 4444 (prores_ks), yuva444p10le with alpha when channels == 4; ``quality`` is unused
-    (ProRes rate comes from its profile).
+    (ProRes rate comes from its profile). ``threads``: the encoder's threads (an actor's share of its CPUs).
     """
 
     def __init__(
@@ -400,6 +400,7 @@ class SegmentWriter:
         channels: int = 3,
         quality: int = 16,
         preset: str = "medium",
+        threads: int = 0,
     ):
         if format not in ("mp4", "mov"):
             raise ValueError(f"format must be mp4 or mov, not {format!r}")
@@ -424,6 +425,8 @@ class SegmentWriter:
             self._pix = "yuva444p10le" if channels == 4 else "yuv444p10le"
             s = self._c.add_stream("prores_ks", rate=self.fps, options={"profile": "4444", "vendor": "apl0"})
         s.width, s.height, s.pix_fmt = self.width, self.height, self._pix
+        if threads:  # 0: the encoder's own choice (every core of the machine, whatever the actor was given)
+            s.codec_context.thread_count = int(threads)
         self._tb = Fraction(1) / self.fps
         s.time_base = self._tb  # pts = frame index
         self._gray = channels == 1 and format == "mp4"

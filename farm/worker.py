@@ -7,6 +7,7 @@ so the next shard of a chain receives it actor-to-actor through the object store
 
 from __future__ import annotations
 
+import contextlib
 import io
 import itertools
 import os
@@ -14,6 +15,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,6 +24,7 @@ import numpy as np
 from actors.base import State, VideoContext
 from farm import storage
 from farm.channels import Background, channel_frames
+from farm.pipeline import ChunkReader, CudaStager, Pipeline, stack_frames
 from farm.plan import Shard
 from farm.sinks import OutputTarget, SinkError, make_sink
 from farm.stitch import to_uint8
@@ -101,9 +104,11 @@ class ModelWorker:
         # Heartbeat: read by ``ping`` on the actor's second thread while a shard renders on the first.
         self.progress, self.call_started, self.max_call_s = 0, None, 0.0
         self.aborted: set[str] = set()
-        # Held while a shard writes output frames: ``abort`` takes it, so once abort returns the aborted
+        # Output writes in progress (``writing``): ``abort`` waits for them, so once abort returns the aborted
         # attempt writes nothing more (png outputs are written straight to their final keys).
-        self.write_lock = threading.Lock()
+        self._writes, self._active_writes = threading.Condition(), 0
+        self._prefetched: list[ChunkReader] = []  # the next shards' first chunks, decoding (``prefetch``)
+        self._prefetch_lock, self.prefetch_hits = threading.Lock(), 0
         self.model = load_model_class(config.name)(**config.params)
         weights = None
         if config.weights:
@@ -144,9 +149,9 @@ class ModelWorker:
 
         Returns once that attempt can write no more frames: the driver waits for it before it kills
         actors at the end of a job, so no write is cut off halfway and no temporary is left behind."""
-        self.aborted.add(name)
-        with self.write_lock:
-            pass
+        with self._writes:
+            self.aborted.add(name)
+            self._writes.wait_for(lambda: self._active_writes == 0)
 
     def stop_if_aborted(self, task: ShardTask) -> None:
         if task.name + task.tag in self.aborted:
@@ -178,88 +183,107 @@ class ModelWorker:
         second, state = self._render(batch[h:], start + h, cond, state, splittable, splits)
         return {k: np.concatenate([first[k], second[k]]) for k in first}, state
 
+    def prefetch(self, url: str, shard: Shard, handoff_at: int | None = None, storage_options=None) -> None:
+        """Start decoding ``shard``'s first chunks now, while the current shard finishes (or, in a handoff
+        chain, before its state arrives): its ``render_shard`` takes them over if its frames are these.
+
+        A hint from the driver, answered at once (on the actor's second thread): a wrong guess costs one
+        bounded queue of decoded chunks, dropped once ``PREFETCH_SLOTS`` newer hints came."""
+        ranges = _render_ranges(shard.start - shard.preroll, shard, handoff_at, self.model.chunk_frames)
+        depth = pipeline_depth()
+        if not depth:
+            return
+        reader = ChunkReader(url, ranges, storage_options or {}, depth=depth, stage=self._stage()).start()
+        with self._prefetch_lock:
+            self._prefetched.append(reader)
+            stale = self._prefetched[:-PREFETCH_SLOTS]
+            del self._prefetched[:-PREFETCH_SLOTS]
+        for old in stale:
+            old.close()
+
+    def _reader(self, task: ShardTask, ranges: list[tuple[int, int]], depth: int) -> ChunkReader:
+        """The prefetched reader when it decodes this shard's frames, else a new one."""
+        with self._prefetch_lock:
+            for reader in self._prefetched:
+                if depth and reader.matches(task.url, ranges, task.storage_options):
+                    self._prefetched.remove(reader)
+                    self.prefetch_hits += 1
+                    return reader
+        return ChunkReader(task.url, ranges, task.storage_options, depth=depth, stage=self._stage())
+
+    def _stage(self) -> Any:
+        """How decoded frames become a batch: stacked, or on CUDA stacked into pinned memory and uploaded."""
+        device = getattr(self.model, "device", None)
+        if device is not None and str(device).startswith("cuda"):
+            return CudaStager(device)
+        return stack_frames
+
+    @property
+    def cpus(self) -> float:
+        """The CPUs this actor was given (``resources.cpus_per_actor``); every core in-process."""
+        import ray
+
+        if ray.is_initialized():
+            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+            if cpus:
+                return float(cpus)
+        return float(os.cpu_count() or 1)
+
     def render_shard(self, task: ShardTask, cond: Any, state: State | None) -> tuple[dict[str, Any], State | None]:
+        """Decode -> model -> channels/encode/upload as a pipeline (``farm.pipeline``); returns the shard's
+        record and the state for the next shard of a handoff chain."""
         t0 = time.perf_counter()
         s = task.shard
         if state is None and task.state_url:
             state = load_npz(task.state_url, task.storage_options)
-        from farm.video import read_frames
-
         run_start = s.start - s.preroll
-        frames = read_frames(task.url, run_start, s.stop, storage_options=task.storage_options)
-        keep_whole = task.passes == 2 and s.stage == 0  # pass 1: the whole window goes to pass 2, not to outputs
-        sinks = {} if keep_whole else {ch: make_sink(t) for ch, t in task.targets.items()}
-        whole: dict[str, list[np.ndarray]] = {}
+        ranges = _render_ranges(run_start, s, task.handoff_at, task.chunk)
+        depth = pipeline_depth()
+        reader = self._reader(task, ranges, depth)
         previous = load_previous(task) if s.stage == 1 else None
-        background = None
-        if "comp" in sinks:
-            t = task.targets["comp"]
-            background = Background(task.background, t.width, t.height, task.storage_options)
-        cores = {ch: sink.open_piece(f"core-{s.index:04d}{task.tag}", s.core_start) for ch, sink in sinks.items()}
-        heads: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
-        tails: dict[str, list[np.ndarray]] = {ch: [] for ch in sinks}
         handoff_state: State | None = None
         rendered = 0
         splits: list[int] = []  # batch sizes that ran out of memory and were halved
-
-        for a, b in _render_ranges(run_start, s, task.handoff_at, task.chunk):
-            batch = np.stack(list(itertools.islice(frames, b - a)))  # [t, H, W, 3] uint8
-            if len(batch) != b - a:
-                raise RuntimeError(f"{task.name}: decoded {len(batch)} frames for [{a}, {b}) of {task.url}")
-            self.stop_if_aborted(task)
-            self.call_started = time.monotonic()
-            try:
-                if previous is not None:  # pass 2 of a shard: one call over the whole window
-                    prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
-                    shared = (s.core_start - s.start, s.stop - s.core_stop)
-                    outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
-                    if b == s.stop and state is not None and s.stop > s.core_stop:
-                        handoff_state = state  # the noise of the frames the next shard shares
-                else:
-                    outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
-            finally:
-                self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
-                self.call_started = None
-                self.progress += 1
-            rendered += b - a
-            if b == task.handoff_at:
-                handoff_state = state
-            if b <= s.start:
-                continue  # preroll: warms the state, output discarded
-            if keep_whole:
-                for k, v in outputs.items():
-                    whole.setdefault(k, []).append(to_uint8(v[max(a, s.start) - a :]))
-            with self.write_lock:
-                self.stop_if_aborted(task)
-                for ch in sinks:
-                    out = channel_frames(outputs, ch, background, start=a)  # [t, H, W, C] float32
-                    for lo, hi, dest in ((s.start, s.core_start, heads[ch]), (s.core_stop, s.stop, tails[ch])):
-                        if max(a, lo) < min(b, hi):
-                            dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
-                    lo, hi = max(a, s.core_start), min(b, s.core_stop)
-                    if lo < hi:
-                        cores[ch].write(to_uint8(out[lo - a : hi - a]))
-        frames.close()
-        if background is not None:
-            background.close()
+        background, consumers = None, {}
+        try:
+            background, consumers = self._consumers(task)
+            with Pipeline(reader, consumers, depth=1 if depth else 0) as pipe:
+                for a, b, batch in pipe.chunks():
+                    self.stop_if_aborted(task)
+                    self.call_started = time.monotonic()
+                    try:
+                        if previous is not None:  # pass 2 of a shard: one call over the whole window
+                            prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
+                            shared = (s.core_start - s.start, s.stop - s.core_stop)
+                            outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
+                            if b == s.stop and state is not None and s.stop > s.core_stop:
+                                handoff_state = state  # the noise of the frames the next shard shares
+                        else:
+                            outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
+                    finally:
+                        self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
+                        self.call_started = None
+                        self.progress += 1
+                    del batch
+                    rendered += b - a
+                    if b == task.handoff_at:
+                        handoff_state = state
+                    if b > s.start:  # preroll chunks only warm the state: their outputs are dropped
+                        pipe.emit((a, b, outputs))
+                    del outputs
+                results = pipe.finish()
+        finally:
+            reader.close()
+            if background is not None:
+                background.close()
         self.stop_if_aborted(task)
 
         record: dict[str, Any] = {"shard": s.to_dict(), "channels": {}, "rendered_frames": rendered}
-        for ch in sinks:
-            entry: dict[str, Any] = {"core": cores[ch].close()}
-            if entry["core"]["frames"] != s.core_stop - s.core_start:  # the plan, not what the model returned
-                raise SinkError(
-                    f"{task.name}: {ch} segment has {entry['core']['frames']} frames, the plan says "
-                    f"{s.core_stop - s.core_start} (frames lost between model and encoder)"
-                )
-            for side, parts in (("head", heads[ch]), ("tail", tails[ch])):
-                if parts:
-                    url = storage.join(task.targets[ch].parts_url, f"{s.name}{task.tag}.{side}.npz")
-                    entry[side] = save_npz(url, {"frames": np.concatenate(parts)}, task.storage_options)
-            record["channels"][ch] = entry
-        if keep_whole:
-            url = storage.join(task.ledger_root, "pass1", task.video_key, f"{s.name}{task.tag}.npz")
-            record["previous"] = save_npz(url, {k: np.concatenate(v) for k, v in whole.items()}, task.storage_options)
+        for name, result in results.items():
+            if name == PASS1:
+                record["previous"] = result
+            else:
+                record["channels"][name] = result
         if handoff_state is not None:
             url = storage.join(task.ledger_root, "state", task.video_key, f"{s.name}.npz")
             record["state_url"] = save_npz(url, handoff_state, task.storage_options)
@@ -268,6 +292,117 @@ class ModelWorker:
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}
         return record, handoff_state
+
+    def _consumers(self, task: ShardTask) -> tuple[Background | None, dict[str, Any]]:
+        """What runs behind the model: a writer per output channel, or pass 1's keeper of the whole window."""
+        if task.passes == 2 and task.shard.stage == 0:  # pass 1: the whole window goes to pass 2, not to outputs
+            return None, {PASS1: WholeKeeper(task, self.writing)}
+        background = None
+        if "comp" in task.targets:
+            t = task.targets["comp"]
+            background = Background(task.background, t.width, t.height, task.storage_options)
+        threads = max(1, int(self.cpus // max(len(task.targets), 1)))  # the actor's CPUs, shared by its encoders
+        consumers: dict[str, Any] = {}
+        try:
+            for ch, target in task.targets.items():
+                consumers[ch] = ChannelWriter(ch, make_sink(target), task, background, self.writing, threads)
+        except BaseException:
+            for c in consumers.values():
+                c.discard()
+            if background is not None:
+                background.close()
+            raise
+        return background, consumers
+
+    @contextlib.contextmanager
+    def writing(self, task: ShardTask) -> Iterator[None]:
+        """Around each write of output frames: refused once ``abort`` has been called for this attempt, and
+        ``abort`` waits for the writes in progress (several channels write at once)."""
+        with self._writes:
+            self.stop_if_aborted(task)
+            self._active_writes += 1
+        try:
+            yield
+        finally:
+            with self._writes:
+                self._active_writes -= 1
+                self._writes.notify_all()
+
+
+PREFETCH_SLOTS = 2  # hints kept: a hint may arrive before the shard it follows has taken its own
+PASS1 = "pass1"  # the consumer name of pass 1's whole-window keeper
+
+
+def pipeline_depth() -> int:
+    """Chunks decoded ahead of the model; 0 runs the shard serially on one thread (``FARM_PIPELINE=0``,
+    the baseline of bench/accelerator.py)."""
+    return 0 if os.environ.get("FARM_PIPELINE", "1") == "0" else 2
+
+
+class ChannelWriter:
+    """One output channel of one shard, behind the model: converts the model's outputs to the channel,
+    keeps the overlap frames (float16) for the stitcher and encodes the core frames into the shard's piece."""
+
+    def __init__(
+        self, channel: str, sink: Any, task: ShardTask, background: Background | None, writing: Any, threads: int
+    ) -> None:
+        s = task.shard
+        self.channel, self.task, self.background, self.writing = channel, task, background, writing
+        self.piece = sink.open_piece(f"core-{s.index:04d}{task.tag}", s.core_start, threads=threads)
+        self.heads: list[np.ndarray] = []
+        self.tails: list[np.ndarray] = []
+
+    def write(self, item: tuple[int, int, dict[str, np.ndarray]]) -> None:
+        a, b, outputs = item
+        s = self.task.shard
+        with self.writing(self.task):
+            out = channel_frames(outputs, self.channel, self.background, start=a)  # [t, H, W, C] float32
+            for lo, hi, dest in ((s.start, s.core_start, self.heads), (s.core_stop, s.stop, self.tails)):
+                if max(a, lo) < min(b, hi):
+                    dest.append(out[max(a, lo) - a : min(b, hi) - a].astype(np.float16))
+            lo, hi = max(a, s.core_start), min(b, s.core_stop)
+            if lo < hi:
+                self.piece.write(to_uint8(out[lo - a : hi - a]))
+
+    def finish(self) -> dict[str, Any]:
+        task, s = self.task, self.task.shard
+        with self.writing(task):
+            entry: dict[str, Any] = {"core": self.piece.close()}
+            if entry["core"]["frames"] != s.core_stop - s.core_start:  # the plan, not what the model returned
+                raise SinkError(
+                    f"{task.name}: {self.channel} segment has {entry['core']['frames']} frames, the plan says "
+                    f"{s.core_stop - s.core_start} (frames lost between model and encoder)"
+                )
+            for side, parts in (("head", self.heads), ("tail", self.tails)):
+                if parts:
+                    url = storage.join(task.targets[self.channel].parts_url, f"{s.name}{task.tag}.{side}.npz")
+                    entry[side] = save_npz(url, {"frames": np.concatenate(parts)}, task.storage_options)
+        return entry
+
+    def discard(self) -> None:
+        self.piece.discard()
+
+
+class WholeKeeper:
+    """Pass 1 of a two-pass model: keeps the whole window's outputs (uint8) and saves them for pass 2."""
+
+    def __init__(self, task: ShardTask, writing: Any) -> None:
+        self.task, self.writing = task, writing
+        self.whole: dict[str, list[np.ndarray]] = {}
+
+    def write(self, item: tuple[int, int, dict[str, np.ndarray]]) -> None:
+        a, _, outputs = item
+        for k, v in outputs.items():
+            self.whole.setdefault(k, []).append(to_uint8(v[max(a, self.task.shard.start) - a :]))
+
+    def finish(self) -> str:
+        t = self.task
+        url = storage.join(t.ledger_root, "pass1", t.video_key, f"{t.shard.name}{t.tag}.npz")
+        with self.writing(t):
+            return save_npz(url, {k: np.concatenate(v) for k, v in self.whole.items()}, t.storage_options)
+
+    def discard(self) -> None:
+        self.whole.clear()
 
 
 PASS2_SUPPORTED = True  # the driver runs two-pass models (stage-1 shards after their pass-1 neighbours)

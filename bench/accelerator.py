@@ -1,0 +1,105 @@
+"""Accelerator busy share: how much of a shard's wall time the model's device is computing.
+
+The ``synthetic`` model sleeps a fixed time per frame without using the CPU: it stands for an
+accelerator (0.08 s/frame = 12.5 fps). Its busy share is frames x sleep / the video's render seconds
+(from the manifest): 1.0 means the device never waits on decoding, conversion, encoding or uploads.
+cockatoo 720p (280 frames), one actor, ``window.frames: 70``, mp4 ``alpha`` + ``fgr``, sleeps of 0.02,
+0.05 and 0.08 s/frame, and a png job at 0.08. Each case runs twice side by side: the actor as a pipeline
+(farm) and the serial loop (``FARM_PIPELINE=0``: decode, model, convert, encode, upload on one thread),
+each in a fresh Ray session so the actors see the setting.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import time
+from typing import Any
+
+from bench.common import SHARED_VIDEOS, job_spec, machine, machine_line, parse_args, scratch, write_result
+
+SLEEPS = (0.02, 0.05, 0.08)
+WINDOW = {"frames": 70}
+CHANNELS = ("alpha", "fgr")
+
+
+def run_case(src: str, sleep: float, fmt: str, pipelined: bool, tag: str) -> dict[str, Any]:
+    import ray
+
+    from farm.driver import run_job
+
+    out = scratch(f"accel-{tag}")
+    spec = job_spec(
+        f"accel-{tag}",
+        [src],
+        out,
+        {"name": "synthetic", "params": {"sleep_per_frame": sleep}},
+        actors=1,
+        window=WINDOW,
+        channels=CHANNELS,
+        format=fmt,
+    )
+    env = {"FARM_PIPELINE": "1" if pipelined else "0"}
+    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", runtime_env={"env_vars": env})
+    load = os.getloadavg()[0]
+    t0 = time.time()
+    try:
+        result = run_job(spec)
+    finally:
+        ray.shutdown()
+    wall = time.time() - t0
+    shutil.rmtree(out, ignore_errors=True)
+    if not result.ok:
+        raise RuntimeError(f"accelerator run {tag} failed: {result.manifest}")
+    (video,) = result.manifest["videos"].values()
+    busy = video["frames"] * sleep / video["seconds"]
+    return {
+        "frames": video["frames"],
+        "shards": video["shards"],
+        "render_s": video["seconds"],
+        "job_wall_s": round(wall, 2),
+        "model_s": round(video["frames"] * sleep, 2),
+        "busy_share": round(busy, 3),
+        "loadavg_1m_before": round(load, 2),
+        "loadavg_1m_after": round(os.getloadavg()[0], 2),
+    }
+
+
+def main() -> None:
+    args = parse_args(__doc__)
+    m = machine()
+    src = str(SHARED_VIDEOS / "cockatoo.mp4")
+    cases = [(s, "mp4") for s in SLEEPS] + [(0.08, "png")]
+    if args.quick:
+        cases = [(0.08, "mp4"), (0.08, "png")]
+    rows = []
+    for sleep, fmt in cases:
+        row: dict[str, Any] = {"sleep_per_frame": sleep, "format": fmt}
+        for key, pipelined in (("pipeline", True), ("serial", False)):
+            row[key] = run_case(src, sleep, fmt, pipelined, f"{fmt}-{sleep}-{key}")
+        row["ratio"] = round(row["pipeline"]["busy_share"] / row["serial"]["busy_share"], 3)
+        print(
+            f"{fmt} {sleep:.2f} s/frame: busy {row['pipeline']['busy_share']:.2f} pipelined, "
+            f"{row['serial']['busy_share']:.2f} serial (load {row['pipeline']['loadavg_1m_before']:.1f})",
+            flush=True,
+        )
+        rows.append(row)
+    write_result(
+        "accelerator",
+        {
+            "machine": m,
+            "machine_line": machine_line(m),
+            "input": src,
+            "what": "synthetic model sleeping per frame (an accelerator using no CPU), 1 actor (cpus_per_actor 1), "
+            "window 70 frames, channels alpha+fgr",
+            "busy_share": "frames x sleep_per_frame / the video's render seconds (manifest)",
+            "baseline": "the same job with the actor's serial loop (FARM_PIPELINE=0)",
+            "cases": rows,
+            "target": {"sleep_per_frame": 0.08, "format": "mp4", "busy_share": 0.9},
+        },
+        quick=args.quick,
+    )
+
+
+if __name__ == "__main__":
+    main()

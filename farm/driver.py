@@ -540,6 +540,25 @@ class JobRunner:
             in_flight[ref], busy[slot] = ("loading", slot), ref
         self.loading = {}
 
+        hinted: dict[int, tuple[str, int]] = {}  # actor slot -> the shard it was told to prefetch
+
+        def hint_next(slot: int, run: VideoRun, i: int) -> None:
+            """Tell the actor the shard it most likely gets next, so it decodes its first chunks while this one
+            finishes (in a handoff chain: before the state arrives). A hint: a wrong guess costs one decode."""
+            if self.model_cls.chunk_frames is None:  # whole-window models: a second window in memory is too dear
+                return
+            taken = set(hinted.values())
+            for j in range(i + 1, len(run.shards)):
+                s = run.shards[j]
+                if s.stage != run.shards[i].stage:
+                    return
+                if j in run.records or (run.key, j) in running_shards or (run.key, j) in taken:
+                    continue
+                handoff_at = run.shards[j + 1].start if self.mode == "handoff" and j + 1 < len(run.shards) else None
+                self.actors[slot].prefetch.remote(run.input.url, s, handoff_at, self.so)
+                hinted[slot] = (run.key, j)
+                return
+
         def idle_slots() -> list[int]:
             return [k for k, a in enumerate(self.actors) if a is not None and k not in busy]
 
@@ -591,6 +610,10 @@ class JobRunner:
             running_shards.add(key)
             kind = "shard_speculated" if copy else "shard_dispatched"
             self.event(kind, video=run.key, shard=i, actor=slot, attempt=attempts[key])
+            for k in [k for k, v in hinted.items() if v == key]:
+                del hinted[k]
+            if not copy:
+                hint_next(slot, run, i)
 
         def speculate(slots: list[int]) -> bool:
             """At the tail (nothing else to run), copy the slowest straggler to an idle actor."""
@@ -737,6 +760,7 @@ class JobRunner:
                     _, i, _, run = heapq.heappop(heap)
                     key = (run.key, i)
                     fresh = [k for k in slots if k not in avoid.get(key, set())]
+                    fresh.sort(key=lambda k: hinted.get(k) != key)  # the actor already decoding it first
                     if fresh:
                         dispatch_shard(fresh[0], run, i)
                         break

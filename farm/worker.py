@@ -109,6 +109,9 @@ class ModelWorker:
         self._writes, self._active_writes = threading.Condition(), 0
         self._prefetched: list[ChunkReader] = []  # the next shards' first chunks, decoding (``prefetch``)
         self._prefetch_lock, self.prefetch_hits = threading.Lock(), 0
+        # Held by a shard's model loop: a second shard queued on this actor (max_concurrency >= 3) decodes
+        # its first chunks and starts its model calls while the first one's encoders finish.
+        self._model_lock = threading.Lock()
         self.model = load_model_class(config.name)(**config.params)
         weights = None
         if config.weights:
@@ -239,38 +242,15 @@ class ModelWorker:
         run_start = s.start - s.preroll
         ranges = _render_ranges(run_start, s, task.handoff_at, task.chunk)
         depth = pipeline_depth()
-        reader = self._reader(task, ranges, depth)
         previous = load_previous(task) if s.stage == 1 else None
-        handoff_state: State | None = None
-        rendered = 0
+        reader = self._reader(task, ranges, depth)
         splits: list[int] = []  # batch sizes that ran out of memory and were halved
         background, consumers = None, {}
         try:
             background, consumers = self._consumers(task)
             with Pipeline(reader, consumers, depth=1 if depth else 0) as pipe:
-                for a, b, batch in pipe.chunks():
-                    self.stop_if_aborted(task)
-                    self.call_started = time.monotonic()
-                    try:
-                        if previous is not None:  # pass 2 of a shard: one call over the whole window
-                            prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
-                            shared = (s.core_start - s.start, s.stop - s.core_stop)
-                            outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
-                            if b == s.stop and state is not None and s.stop > s.core_stop:
-                                handoff_state = state  # the noise of the frames the next shard shares
-                        else:
-                            outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
-                    finally:
-                        self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
-                        self.call_started = None
-                        self.progress += 1
-                    del batch
-                    rendered += b - a
-                    if b == task.handoff_at:
-                        handoff_state = state
-                    if b > s.start:  # preroll chunks only warm the state: their outputs are dropped
-                        pipe.emit((a, b, outputs))
-                    del outputs
+                with self._model_lock:  # one shard's model calls at a time; its writers finish outside
+                    rendered, handoff_state = self._model_calls(task, pipe, cond, state, previous, splits)
                 results = pipe.finish()
         finally:
             reader.close()
@@ -292,6 +272,37 @@ class ModelWorker:
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}
         return record, handoff_state
+
+    def _model_calls(
+        self, task: ShardTask, pipe: Pipeline, cond: Any, state: State | None, previous: Any, splits: list[int]
+    ) -> tuple[int, State | None]:
+        """The model's calls over the shard's chunks, back to back; each output goes to the writers.
+        Returns the frames rendered and the state to hand to the next shard."""
+        s, rendered, handoff_state = task.shard, 0, None
+        for a, b, batch in pipe.chunks():
+            self.stop_if_aborted(task)
+            self.call_started = time.monotonic()
+            try:
+                if previous is not None:  # pass 2 of a shard: one call over the whole window
+                    prev = {k: v[a - s.start : b - s.start] for k, v in previous.items()}
+                    shared = (s.core_start - s.start, s.stop - s.core_stop)
+                    outputs, state = self.model.refine(batch, prev, cond, state, (a, b), *shared)
+                    if b == s.stop and state is not None and s.stop > s.core_stop:
+                        handoff_state = state  # the noise of the frames the next shard shares
+                else:
+                    outputs, state = self._render(batch, a, cond, state, task.chunk is not None, splits)
+            finally:
+                self.max_call_s = max(self.max_call_s, time.monotonic() - self.call_started)
+                self.call_started = None
+                self.progress += 1
+            del batch
+            rendered += b - a
+            if b == task.handoff_at:
+                handoff_state = state
+            if b > s.start:  # preroll chunks only warm the state: their outputs are dropped
+                pipe.emit((a, b, outputs))
+            del outputs
+        return rendered, handoff_state
 
     def _consumers(self, task: ShardTask) -> tuple[Background | None, dict[str, Any]]:
         """What runs behind the model: a writer per output channel, or pass 1's keeper of the whole window."""

@@ -292,3 +292,51 @@ def test_stage_failure_is_raised_once_and_everything_joins():
             pipe.emit((a, b, batch))
         pipe.finish()
     assert bad.discarded and not farm_threads()
+
+
+class CountsOverlap:
+    """Wraps a model: records the most render calls ever running at once."""
+
+    def __init__(self, model) -> None:
+        self.model, self.running, self.most = model, 0, 0
+        self.lock = threading.Lock()
+
+    def __getattr__(self, name):
+        return getattr(self.model, name)
+
+    def render(self, frames, cond, state):
+        with self.lock:
+            self.running += 1
+            self.most = max(self.most, self.running)
+        try:
+            time.sleep(0.01)
+            return self.model.render(frames, cond, state)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_two_shards_queued_on_one_actor_take_turns_on_the_model(clip, tmp_path):
+    """Two shards sent to one worker at once (a scheduler that queues the next shard): their model calls
+    never overlap, and the outputs are those of the shards rendered one after the other."""
+    worker = ModelWorker(ModelConfig("synthetic"))
+    worker.model = CountsOverlap(worker.model)
+    shards = plan_shards("clip", 40, 20)
+    for s in shards:
+        worker.render_shard(task_for(clip, tmp_path / "one", s, chunk=4), None, None)
+    errors: list[BaseException] = []
+
+    def run(s) -> None:
+        try:
+            worker.render_shard(task_for(clip, tmp_path / "two", s, chunk=4), None, None)
+        except BaseException as e:  # noqa: BLE001
+            errors.append(e)
+
+    threads = [threading.Thread(target=run, args=(s,)) for s in shards]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and worker.model.most == 1
+    assert files(tmp_path / "one") == files(tmp_path / "two") and len(files(tmp_path / "one")) == 80
+    assert not farm_threads()

@@ -1,9 +1,10 @@
 """A synthetic model with a known cost and injectable faults, for benchmarks and fault-tolerance tests.
 
-It inverts the frames (so outputs are checkable) and can: sleep a fixed time per frame without using
-the CPU (orchestration benchmarks), carry a running frame counter as state (handoff checks), and fail
-on purpose — on given shards' frames, on one actor, with a simulated GPU out-of-memory above a batch
-size, or slowly on one actor (straggler tests). Actors are told apart by ``FARM_ACTOR_SLOT``, which
+It inverts the frames (so outputs are checkable) and can: take a fixed time per frame, as an accelerator
+would, sleeping what its own small CPU work leaves of it (orchestration and accelerator benchmarks),
+carry a running frame counter as state (handoff checks), and fail on purpose — on given shards' frames,
+on one actor, with a simulated GPU out-of-memory above a batch size, or slowly on one actor (straggler
+tests). Actors are told apart by ``FARM_ACTOR_SLOT``, which
 the driver sets in each actor's environment.
 """
 
@@ -23,7 +24,8 @@ class InjectedFault(RuntimeError):
 
 
 class SyntheticModel(VideoModel):
-    """Params: ``sleep_per_frame`` (s); ``fail_on_actor`` (slot that always raises);
+    """Params: ``sleep_per_frame`` (s: the wall time a call takes per frame, its inversion included);
+    ``fail_on_actor`` (slot that always raises);
     ``slow_actor`` and ``slow_factor``; ``oom_above`` (raise torch's OutOfMemoryError when one call
     gets more frames than this); ``bad_input`` (raise ModelError: an input error, never retried);
     ``fail_marker`` (a path: every call raises while that file exists, a transient fault);
@@ -67,6 +69,7 @@ class SyntheticModel(VideoModel):
         return int(value) if value is not None else None
 
     def render(self, frames: np.ndarray, cond: Any, state: State | None) -> tuple[Outputs, State | None]:
+        t0 = time.perf_counter()
         if self.bad_input:
             raise ModelError("synthetic: this input is refused (bad_input=true)")
         if self.fail_on_actor is not None and self.slot() == self.fail_on_actor:
@@ -79,11 +82,6 @@ class SyntheticModel(VideoModel):
             import torch
 
             raise torch.OutOfMemoryError(f"synthetic: {len(frames)} frames > oom_above={self.oom_above}")
-        delay = self.sleep_per_frame * len(frames)
-        if self.slow_actor is not None and self.slot() == self.slow_actor:
-            delay *= self.slow_factor
-        if delay:
-            time.sleep(delay)
         rgb = 1.0 - frames.astype(np.float32) / 255.0  # [T, H, W, 3]
         alpha = rgb.mean(axis=-1, keepdims=True)
         seen = int(state["frames"][0]) if state else 0
@@ -93,6 +91,11 @@ class SyntheticModel(VideoModel):
                 rgb, alpha = rgb[:-1], alpha[:-1]
             except FileNotFoundError:
                 pass
+        delay = self.sleep_per_frame * len(frames)
+        if self.slow_actor is not None and self.slot() == self.slow_actor:
+            delay *= self.slow_factor
+        if delay:  # a device's fixed cost: the call takes ``delay`` in all, its own small CPU work included
+            time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
         return {"alpha": alpha, "fgr": rgb}, {"frames": np.array([seen + len(frames)], dtype=np.int64)}
 
 

@@ -1,16 +1,18 @@
 """Accelerator busy share: how much of a shard's wall time the model's device is computing.
 
-The ``synthetic`` model sleeps a fixed time per frame without using the CPU: it stands for an
-accelerator (0.08 s/frame = 12.5 fps). Its busy share is frames x sleep / the video's render seconds
-(from the manifest): 1.0 means the device never waits on decoding, conversion, encoding or uploads.
-cockatoo 720p (280 frames), one actor, ``window.frames: 70``, mp4 ``alpha`` + ``fgr``, sleeps of 0.02,
-0.05 and 0.08 s/frame, and a png job at 0.08. Each case runs twice: the actor as a pipeline (farm) and the
-serial loop (``FARM_PIPELINE=0``: decode, model, convert, encode, upload on one thread), each setting in
-a Ray session of its own so the actors see it. The 1-minute load average is recorded with every figure.
+The ``synthetic`` model takes a fixed time per frame, sleeping what its own small CPU work leaves: it
+stands for an accelerator (0.08 s/frame = 12.5 fps). Its busy share is frames x sleep / the video's
+render seconds (from the manifest): 1.0 means the device never waits on decoding, conversion, encoding
+or uploads. cockatoo 720p (280 frames), one actor owning the machine (``cpus_per_actor`` = its cores),
+``window.frames: 70``, mp4 ``alpha`` + ``fgr``, 0.02, 0.05 and 0.08 s/frame, and a png job at 0.08.
+Each case runs twice: the actor as a pipeline (farm) and the serial loop (``FARM_PIPELINE=0``: decode,
+model, convert, encode, upload on one thread), each setting in a Ray session of its own so the actors
+see it. The 1-minute load average is recorded with every figure, and the shards' stage CPU seconds.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import time
@@ -21,6 +23,7 @@ from bench.common import SHARED_VIDEOS, job_spec, machine, machine_line, parse_a
 SLEEPS = (0.02, 0.05, 0.08)
 WINDOW = {"frames": 70}
 CHANNELS = ("alpha", "fgr")
+CPUS = float(os.cpu_count() or 1)  # the one actor owns the machine: its encoders' thread counts come from this
 
 
 def run_case(src: str, sleep: float, fmt: str, tag: str) -> dict[str, Any]:
@@ -33,6 +36,7 @@ def run_case(src: str, sleep: float, fmt: str, tag: str) -> dict[str, Any]:
         out,
         {"name": "synthetic", "params": {"sleep_per_frame": sleep}},
         actors=1,
+        cpus_per_actor=CPUS,
         window=WINDOW,
         channels=CHANNELS,
         format=fmt,
@@ -41,6 +45,10 @@ def run_case(src: str, sleep: float, fmt: str, tag: str) -> dict[str, Any]:
     t0 = time.time()
     result = run_job(spec)
     wall = time.time() - t0
+    stages: dict[str, float] = {}  # summed over the shards' ledger records: where the time goes
+    for path in out.rglob("shards/*/*.json"):
+        for k, v in json.loads(path.read_text()).get("stages", {}).items():
+            stages[k] = round(stages.get(k, 0.0) + (v or 0.0), 2)
     shutil.rmtree(out, ignore_errors=True)
     if not result.ok:
         raise RuntimeError(f"accelerator run {tag} failed: {result.manifest}")
@@ -53,6 +61,7 @@ def run_case(src: str, sleep: float, fmt: str, tag: str) -> dict[str, Any]:
         "job_wall_s": round(wall, 2),
         "model_s": round(video["frames"] * sleep, 2),
         "busy_share": round(busy, 3),
+        "stages": stages,
         "loadavg_1m_before": round(load, 2),
         "loadavg_1m_after": round(os.getloadavg()[0], 2),
     }
@@ -67,10 +76,12 @@ def main() -> None:
         cases = [(0.08, "mp4")]
     import ray
 
+    from farm.driver import ensure_ray
+
     rows: list[dict[str, Any]] = [{"sleep_per_frame": sleep, "format": fmt} for sleep, fmt in cases]
-    for key, setting in (("pipeline", "1"), ("serial", "0")):  # one Ray session each: its actors see the setting
-        env = {"env_vars": {"FARM_PIPELINE": setting}}
-        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING", runtime_env=env)
+    for key, setting in (("pipeline", "1"), ("serial", "0")):
+        os.environ["FARM_PIPELINE"] = setting  # a Ray session of its own: its actors inherit the setting
+        ensure_ray(num_cpus=os.cpu_count())
         try:
             for row in rows:
                 sleep, fmt = row["sleep_per_frame"], row["format"]
@@ -91,8 +102,8 @@ def main() -> None:
             "machine": m,
             "machine_line": machine_line(m),
             "input": src,
-            "what": "synthetic model sleeping per frame (an accelerator using no CPU), 1 actor (cpus_per_actor 1), "
-            "window 70 frames, channels alpha+fgr",
+            "what": "synthetic model taking a fixed time per frame (an accelerator), 1 actor "
+            f"(cpus_per_actor {CPUS:g}), window 70 frames, channels alpha+fgr",
             "busy_share": "frames x sleep_per_frame / the video's render seconds (manifest)",
             "baseline": "the same job with the actor's serial loop (FARM_PIPELINE=0)",
             "cases": rows,

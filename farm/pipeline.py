@@ -20,6 +20,7 @@ from __future__ import annotations
 import itertools
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -97,6 +98,7 @@ class ChunkReader:
         self.queue = BoundedQueue(max(depth, 1), self.stop)
         self._thread: threading.Thread | None = None
         self._serial: Iterator[Chunk] | None = None
+        self.cpu_s: float | None = None  # CPU seconds of the decoder thread (where the time goes)
 
     @property
     def key(self) -> tuple[str, tuple[tuple[int, int], ...]]:
@@ -131,9 +133,11 @@ class ChunkReader:
         return self
 
     def _run(self) -> None:
+        t0 = time.thread_time()
         try:
             for item in self.chunks():
                 self.queue.put(item)
+            self.cpu_s = time.thread_time() - t0
             self.queue.put(_End())
         except Stopped:
             return
@@ -188,6 +192,7 @@ class Pipeline:
         self.stop = threading.Event()
         self.queues = {name: BoundedQueue(max(depth, 1), self.stop) for name in consumers}
         self.results: dict[str, Any] = {}
+        self.cpu_s: dict[str, float] = {}  # CPU seconds of each consumer's thread (where the time goes)
         self._error: BaseException | None = None
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
@@ -215,12 +220,13 @@ class Pipeline:
             raise self._error
 
     def _consume(self, name: str, consumer: Consumer) -> None:
-        q = self.queues[name]
+        q, t0 = self.queues[name], time.thread_time()
         try:
             while True:
                 item = q.get()
                 if isinstance(item, _End):
                     self.results[name] = consumer.finish()
+                    self.cpu_s[name] = time.thread_time() - t0
                     return
                 consumer.write(item)
         except Stopped:

@@ -250,7 +250,9 @@ class ModelWorker:
             background, consumers = self._consumers(task)
             with Pipeline(reader, consumers, depth=1 if depth else 0) as pipe:
                 with self._model_lock:  # one shard's model calls at a time; its writers finish outside
+                    wait, cpu0 = time.perf_counter(), time.thread_time()
                     rendered, handoff_state = self._model_calls(task, pipe, cond, state, previous, splits)
+                    model_s, model_cpu_s = time.perf_counter() - wait, time.thread_time() - cpu0
                 results = pipe.finish()
         finally:
             reader.close()
@@ -269,6 +271,10 @@ class ModelWorker:
             record["state_url"] = save_npz(url, handoff_state, task.storage_options)
         if splits:
             record["oom_splits"] = splits
+        # Where the time goes: the model loop's wall and CPU seconds (waits on decoder and writers included),
+        # and each pipeline thread's CPU seconds (none on the serial path, where the model loop does it all)
+        record["stages"] = {"model_loop_s": model_s, "model_loop_cpu_s": model_cpu_s, "decode_cpu_s": reader.cpu_s}
+        record["stages"].update({f"write_{k}_cpu_s": v for k, v in pipe.cpu_s.items()})
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}
         return record, handoff_state
@@ -312,7 +318,9 @@ class ModelWorker:
         if "comp" in task.targets:
             t = task.targets["comp"]
             background = Background(task.background, t.width, t.height, task.storage_options)
-        threads = max(1, int(self.cpus // max(len(task.targets), 1)))  # the actor's CPUs, shared by its encoders
+        # Each encoder may use every CPU of the actor: the channels' encoders run at once (alpha's is cheaper
+        # than fgr's), and the OS balances their threads over the actor's cores.
+        threads = max(1, round(self.cpus))
         consumers: dict[str, Any] = {}
         try:
             for ch, target in task.targets.items():

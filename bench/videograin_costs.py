@@ -4,7 +4,7 @@ On the shared reference (tiny seeded SD1.5-shaped model + ControlNet, 6 frames a
 configuration: FLATTEN and PnP off, float32, one torch thread): upstream's case is one clip, no anchors.
 Against it: the anchors (``prepare`` edits 2 anchor frames; every clip carries them), clips shorter than
 the video (2 windows of 4 frames, overlap 2, blended by farm's stitcher, with and without anchors), and the
-inversion cache (a hit against a miss). Each: seconds, and how far its frames land from the single clip's
+inversion cache (a hit against a miss). Each: CPU seconds, and how far its frames land from the single clip's
 (mean / max |rgb difference| on [0, 1]). ``python -m bench.videograin_costs [--quick]``.
 """
 
@@ -62,9 +62,10 @@ def main() -> None:
         return m
 
     def timed(fn: Any) -> tuple[Any, float]:
-        t0 = time.perf_counter()
+        """CPU seconds of this process (one torch thread): robust on a shared machine, unlike wall time."""
+        t0 = time.process_time()
         out = fn()
-        return out, time.perf_counter() - t0
+        return out, time.process_time() - t0
 
     def video(frame_count: int) -> VideoContext:
         return VideoContext(url=str(tmp / "clip.mov"), frame_count=frame_count, width=192, height=128, fps=10,

@@ -68,7 +68,8 @@ def main() -> None:
         return out, time.process_time() - t0
 
     def video(frame_count: int) -> VideoContext:
-        return VideoContext(url=str(tmp / "clip.mov"), frame_count=frame_count, width=192, height=128, fps=10, params={})
+        return VideoContext(url=str(tmp / "clip.mov"), frame_count=frame_count, width=192, height=128, fps=10,
+                            params={})
 
     def render(m: VideoGrain, cond: dict, span: tuple[int, int]) -> np.ndarray:
         return m.render(frames[span[0] : span[1]], cond, None, span=span)[0]["rgb"]

@@ -235,7 +235,8 @@ def test_single_clip_through_farm_submit(ref: dict, ray_session) -> None:
                      "params": {**job_params(ref, "a"), "trace": str(d / "trace")}},
            "window": {"frames": 8, "overlap": 2},
            "output": {"uri": str(d / "out" / "{stem}_{channel}"), "channels": ["rgb"], "format": "png"},
-           "resources": {"actors": 1, "cpus_per_actor": 1}}
+           "resources": {"actors": 1, "cpus_per_actor": 1},
+           "scheduler": {"stall_s": 2400}}  # one render call is the whole edit: no chunk to show progress
     (d / "job.yaml").write_text(yaml.safe_dump(job, sort_keys=False))
     result = CliRunner().invoke(main, ["submit", str(d / "job.yaml")])
     assert result.exit_code == 0, result.output

@@ -207,8 +207,9 @@ def test_estimated_flow_gives_upstreams_trajectories() -> None:
 
 
 # ---------------------------------------------------------------- whole runs
-# Each is 99 (run b: 109) passes of the tiny UNet + ControlNet over 6 frames: about a minute on 2 idle
-# cores, many more when the machine is shared; hence a timeout beyond the suite's 600 s.
+# Each is 99 (run b: 109) passes of the tiny UNet + ControlNet over 6 frames on one torch thread: runs a and b
+# took 397 s of CPU together (measured); on a shared machine the wall time is many times that, hence a
+# timeout beyond the suite's 600 s.
 
 
 @pytest.mark.timeout(2400)

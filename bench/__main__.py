@@ -126,6 +126,23 @@ def table() -> str:
                 m["ratio_actor_peak"] <= 1.1,
             )
         )
+    acc = _load("accelerator")
+    if acc:
+        for c in acc["cases"]:
+            p, sr = c["pipeline"], c["serial"]
+            target = acc["target"]
+            is_target = (c["sleep_per_frame"], c["format"]) == (target["sleep_per_frame"], target["format"])
+            rows.append(
+                _row(
+                    f"accelerator busy share, {c['format']} alpha+fgr, {c['sleep_per_frame']} s/frame, 1 actor "
+                    f"(load {p['loadavg_1m_before']:.0f} / {sr['loadavg_1m_before']:.0f})",
+                    f"{p['busy_share']} busy",
+                    f"{sr['busy_share']} serial loop",
+                    c["ratio"],
+                    ">= 0.9 busy" if is_target else "-",
+                    p["busy_share"] >= 0.9 if is_target else True,
+                )
+            )
     out = "\n".join(rows)
     if machine_line:
         out += f"\n\nMachine: {machine_line}"

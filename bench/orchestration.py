@@ -146,11 +146,14 @@ def main() -> None:
 
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CLUSTER_CPUS_PER_NODE})
+    from farm.pool import ensure_ray
+
+    loopback = {"node_ip_address": "127.0.0.1"}  # every node on 127.0.0.1, not on this machine's network address
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CLUSTER_CPUS_PER_NODE, **loopback})
     for _ in range(CLUSTER_NODES - 1):
-        cluster.add_node(num_cpus=CLUSTER_CPUS_PER_NODE)
+        cluster.add_node(num_cpus=CLUSTER_CPUS_PER_NODE, **loopback)
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    ensure_ray(cluster.address)
     multi = []
     try:
         for n in (4, 16) if args.quick else ACTORS:

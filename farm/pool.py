@@ -40,11 +40,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
     from ray._private import ray_constants
 
+    if address:
+        was = ray_constants.ENABLE_RAY_CLUSTER
+        if address.split(":")[0] in ("127.0.0.1", "localhost"):
+            # Ray rewrites a loopback address into the machine's network address before it connects, where a
+            # cluster bound to 127.0.0.1 (every node started with node_ip_address=127.0.0.1) does not listen.
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = was
+        return
     var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     configured = var in os.environ
     was = ray_constants.ENABLE_RAY_CLUSTER

@@ -142,6 +142,7 @@ def fake_cluster():
         "--head",
         "--block",
         "--num-cpus=0",
+        "--node-ip-address=127.0.0.1",
         "--object-store-memory=200000000",
         "--include-dashboard=false",
         "--disable-usage-stats",

@@ -1,6 +1,6 @@
 """A worker node lost mid-job, on a real several-node Ray (``ray.cluster_utils.Cluster``: a head and two
-worker nodes on this machine): the actors that were on it are replaced on the remaining node, the shard
-in flight there is rendered again, and the output equals a fault-free run's, frame for frame.
+worker nodes on this machine, all on 127.0.0.1): the actors that were on it are replaced on the remaining
+node, the shard in flight there is rendered again, and the output equals a fault-free run's, frame for frame.
 
 This module connects to its own cluster (fixture ``own_ray`` stops the session's Ray for the module).
 """
@@ -16,11 +16,13 @@ from ray.cluster_utils import Cluster
 from watched import run_watched
 
 from farm.driver import JobRunner
+from farm.pool import ensure_ray
 from farm.sample import write_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 FRAMES = 48  # 6 shards of 8
+LOOPBACK = {"node_ip_address": "127.0.0.1"}  # every node binds to loopback, not to this machine's network address
 
 
 @pytest.fixture(scope="module")
@@ -30,6 +32,7 @@ def cluster(own_ray):
     c = Cluster(
         initialize_head=True,
         head_node_args={
+            **LOOPBACK,
             "num_cpus": 0,
             "include_dashboard": False,
             "_system_config": {
@@ -41,9 +44,9 @@ def cluster(own_ray):
     )
     try:
         for _ in range(2):
-            c.add_node(num_cpus=2)
+            c.add_node(num_cpus=2, **LOOPBACK)
         c.wait_for_nodes()
-        ray.init(address=c.address, logging_level="WARNING")
+        ensure_ray(c.address)
         yield c
     finally:
         ray.shutdown()
@@ -127,7 +130,7 @@ def test_node_whose_actors_keep_failing_is_blocklisted(cluster, clip, tmp_path):
 
     reference, _ = run(job(clip, tmp_path / "ref"))
     assert reference.ok, reference.manifest
-    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"})
+    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"}, **LOOPBACK)
     cluster.wait_for_nodes()
 
     @ray.remote(num_cpus=2)

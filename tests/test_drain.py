@@ -177,3 +177,20 @@ def test_a_poll_of_the_draining_nodes():
     assert len(sim.events(EventKind.NODE_DRAINING)) == 1
     apply_drains(sim.s, {}, 7.0, lambda: {"n1"})  # n0 went: it stays drained, and is asked about no more
     assert sim.s.fleet.draining == {"n0"} and sim.s.drain.gone == {"n0"}
+
+
+def test_the_report_names_the_drained_nodes_and_counts_frames_rendered_twice():
+    from farm.events import EventLog
+    from farm.report import RunCounts, summary_line
+
+    log, counts = EventLog(), RunCounts()
+    log.subscribe(counts.on_event)
+    log.publish(EventKind.NODE_DRAINING, node="n0", deadline_s=30.0, actors=[0], action="drain")
+    log.publish(EventKind.SHARD_CANCELLED, video="v", shard=2, actor=1, reason="another copy finished first",
+                frames_lost=5)
+    log.publish(EventKind.SHARD_FAILED, video="v", shard=3, actor=0, attempt=1, error="gone", node_lost=True,
+                frames_lost=3)
+    assert counts.drained == ["n0"] and counts.rerendered == {"v": 8}
+    manifest = {"videos": {"v": {"status": "succeeded", "frames": 64}}, "seconds": 3.0,
+                "drained_nodes": counts.drained, "frames_rerendered": 8}
+    assert summary_line(manifest).endswith("; 1 node(s) drained (n0), 8 frames rendered again")

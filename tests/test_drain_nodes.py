@@ -8,6 +8,7 @@ Every node binds to 127.0.0.1. This module connects to its own cluster (fixture 
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from pathlib import Path
@@ -40,7 +41,9 @@ def drain_node(node_id: str, deadline_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(own_ray):
-    """Head (no CPU, no ``spot``: no actor lands there) + worker nodes with room for two actors each."""
+    """Head (no CPU, no ``spot``: no actor lands there) + worker nodes with room for two actors each. A
+    raylet waits for its agents longer than its default 15 s: on a busy machine they take that to start."""
+    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
     c = Cluster(
         initialize_head=True,
         head_node_args={

@@ -113,6 +113,26 @@ def write_result(name: str, data: dict[str, Any], quick: bool) -> Path:
     return path
 
 
+# ---- several nodes on this machine ------------------------------------------------------------------
+
+AGENT_PORTS = ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port", "runtime_env_agent_port")
+
+
+def local_node_args(**kw: Any) -> dict[str, Any]:
+    """``ray.cluster_utils.Cluster.add_node`` (or ``head_node_args``) keyword arguments for one more node on
+    this machine: on 127.0.0.1, its agents on ports chosen here. A raylet given its agents' ports does not
+    wait for them to write port files, which it gives up on after 15 s (ray#65983): a busy machine starts
+    agents slower than that."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return {"node_ip_address": "127.0.0.1", **{p: free_port() for p in AGENT_PORTS}, **kw}
+
+
 # ---- clips ------------------------------------------------------------------------------------------
 
 

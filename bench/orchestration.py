@@ -22,6 +22,7 @@ from typing import Any
 from bench.common import (
     EventLog,
     job_spec,
+    local_node_args,
     machine,
     machine_line,
     parse_args,
@@ -148,10 +149,11 @@ def main() -> None:
 
     from farm.pool import ensure_ray
 
-    loopback = {"node_ip_address": "127.0.0.1"}  # every node on 127.0.0.1, not on this machine's network address
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CLUSTER_CPUS_PER_NODE, **loopback})
+
+    # every node on 127.0.0.1, not on this machine's network address
+    cluster = Cluster(initialize_head=True, head_node_args=local_node_args(num_cpus=CLUSTER_CPUS_PER_NODE))
     for _ in range(CLUSTER_NODES - 1):
-        cluster.add_node(num_cpus=CLUSTER_CPUS_PER_NODE, **loopback)
+        cluster.add_node(**local_node_args(num_cpus=CLUSTER_CPUS_PER_NODE))
     cluster.wait_for_nodes()
     ensure_ray(cluster.address)
     multi = []

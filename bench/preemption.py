@@ -20,10 +20,9 @@ from typing import Any
 import ray
 import yaml
 
-from bench.common import machine, machine_line, parse_args, sample_clip, scratch, write_result
+from bench.common import local_node_args, machine, machine_line, parse_args, sample_clip, scratch, write_result
 
 NOTICE_S = 6.0  # an AWS spot notice is 120 s and GKE's ~30 s; scaled down with the shards (0.1 s per frame)
-LOOPBACK = {"node_ip_address": "127.0.0.1"}
 
 
 def drain_node(node_id: str, deadline_s: float) -> None:
@@ -56,7 +55,7 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
     state: dict[str, Any] = {"done": 0}
 
     def preempt(victim: Any) -> None:
-        cluster.add_node(num_cpus=1, resources={"spot": 1}, **LOOPBACK)  # the replacement capacity
+        cluster.add_node(num_cpus=1, resources={"spot": 1}, **local_node_args())  # the replacement capacity
         time.sleep(max(0.0, state["notice_at"] + NOTICE_S - time.monotonic()))
         cluster.remove_node(victim, allow_graceful=False)
 
@@ -99,12 +98,12 @@ def main() -> None:
     clip = sample_clip(frames)
     out = scratch("preemption")
     runs = []
-    cluster = Cluster(initialize_head=True, head_node_args={**LOOPBACK, "num_cpus": 0, "include_dashboard": False,
-                                                             "_system_config": {"health_check_period_ms": 200,
-                                                                                "health_check_failure_threshold": 5}})
+    health = {"health_check_period_ms": 200, "health_check_failure_threshold": 5}  # a killed node is seen in ~1 s
+    head = local_node_args(num_cpus=0, include_dashboard=False, _system_config=health)
+    cluster = Cluster(initialize_head=True, head_node_args=head)
     try:
         for _ in range(3):
-            cluster.add_node(num_cpus=1, resources={"spot": 1}, **LOOPBACK)
+            cluster.add_node(num_cpus=1, resources={"spot": 1}, **local_node_args())
         cluster.wait_for_nodes()
         ensure_ray(cluster.address)
         for preemption in ("drain", "ignore"):

@@ -8,7 +8,6 @@ Every node binds to 127.0.0.1. This module connects to its own cluster (fixture 
 
 from __future__ import annotations
 
-import os
 import threading
 import time
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 
 import pytest
 import ray
+from local_nodes import node_args
 from ray.cluster_utils import Cluster
 from watched import run_watched
 
@@ -24,8 +24,7 @@ from farm.sample import write_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-FRAMES = 96  # 12 shards of 8
-LOOPBACK = {"node_ip_address": "127.0.0.1"}
+FRAMES = 192  # 24 shards of 8: 13 s on 3 actors, so the node goes mid-job
 
 
 def drain_node(node_id: str, deadline_s: float) -> None:
@@ -41,13 +40,11 @@ def drain_node(node_id: str, deadline_s: float) -> None:
 
 @pytest.fixture(scope="module")
 def cluster(own_ray):
-    """Head (no CPU, no ``spot``: no actor lands there) + worker nodes with room for two actors each. A
-    raylet waits for its agents longer than its default 15 s: on a busy machine they take that to start."""
-    os.environ.setdefault("RAY_raylet_start_wait_time_s", "120")
+    """Head (no CPU, no ``spot``: no actor lands there) + worker nodes with room for two actors each."""
     c = Cluster(
         initialize_head=True,
         head_node_args={
-            **LOOPBACK,
+            **node_args(),
             "num_cpus": 0,
             "include_dashboard": False,
             "_system_config": {
@@ -59,7 +56,7 @@ def cluster(own_ray):
     )
     try:
         for _ in range(3):
-            c.add_node(num_cpus=2, resources={"spot": 2}, **LOOPBACK)
+            c.add_node(num_cpus=2, resources={"spot": 2}, **node_args())
         c.wait_for_nodes()
         ensure_ray(c.address)
         yield c
@@ -123,7 +120,7 @@ def preempted(cluster: Cluster, j: dict, notice_s: float) -> tuple[Any, Any, dic
     result, runner = run_watched(j, on_event, "drain.yaml")
     assert "node" in lost, "the node was never drained"
     lost["thread"].join(timeout=120)
-    cluster.add_node(num_cpus=2, resources={"spot": 2}, **LOOPBACK)  # capacity back for the next run
+    cluster.add_node(num_cpus=2, resources={"spot": 2}, **node_args())  # capacity back for the next run
     cluster.wait_for_nodes()
     return result, runner, lost
 
@@ -134,13 +131,13 @@ def test_a_preempted_node_loses_no_work(cluster, clip, tmp_path):
     expected = frames(reference)
     assert len(expected) == FRAMES
 
-    # A long notice (8 s, five shards' time): what is in flight there finishes in place, nothing new goes there.
-    drained, runner, lost = preempted(cluster, job(clip, tmp_path / "drain", drain_min_deadline_s=2), 8.0)
+    # A notice of 4 s (2.5 shards' time): what is in flight there finishes in place, nothing new goes there.
+    drained, runner, lost = preempted(cluster, job(clip, tmp_path / "drain", drain_min_deadline_s=2), 4.0)
     assert drained.ok, drained.manifest
     assert frames(drained) == expected
     events = runner.events
     (notice,) = of(events, "node_draining")
-    assert notice["node"] == lost["node"] and notice["action"] == "drain" and 0 < notice["deadline_s"] <= 8
+    assert notice["node"] == lost["node"] and notice["action"] == "drain" and 0 < notice["deadline_s"] <= 4
     t_notice = notice["t"]
     on_node = set(notice["actors"])
     assert 0 in on_node
@@ -154,7 +151,7 @@ def test_a_preempted_node_loses_no_work(cluster, clip, tmp_path):
     drain_waste = drained.manifest["frames_rerendered"]
 
     # The same notice, ignored: shards keep going to the node until it dies, and what was in flight is redone.
-    ignored, runner2, lost2 = preempted(cluster, job(clip, tmp_path / "ignore", preemption="ignore"), 8.0)
+    ignored, runner2, lost2 = preempted(cluster, job(clip, tmp_path / "ignore", preemption="ignore"), 4.0)
     assert ignored.ok, ignored.manifest
     assert frames(ignored) == expected
     assert of(runner2.events, "node_draining")[0]["action"] == "ignore"

@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 import ray
+from local_nodes import node_args
 from ray.cluster_utils import Cluster
 from watched import run_watched
 
@@ -22,7 +23,6 @@ from farm.sample import write_sample
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
 
 FRAMES = 48  # 6 shards of 8
-LOOPBACK = {"node_ip_address": "127.0.0.1"}  # every node binds to loopback, not to this machine's network address
 
 
 @pytest.fixture(scope="module")
@@ -32,7 +32,7 @@ def cluster(own_ray):
     c = Cluster(
         initialize_head=True,
         head_node_args={
-            **LOOPBACK,
+            **node_args(),
             "num_cpus": 0,
             "include_dashboard": False,
             "_system_config": {
@@ -44,7 +44,7 @@ def cluster(own_ray):
     )
     try:
         for _ in range(2):
-            c.add_node(num_cpus=2, **LOOPBACK)
+            c.add_node(num_cpus=2, **node_args())
         c.wait_for_nodes()
         ensure_ray(c.address)
         yield c
@@ -130,7 +130,7 @@ def test_node_whose_actors_keep_failing_is_blocklisted(cluster, clip, tmp_path):
 
     reference, _ = run(job(clip, tmp_path / "ref"))
     assert reference.ok, reference.manifest
-    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"}, **LOOPBACK)
+    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"}, **node_args())
     cluster.wait_for_nodes()
 
     @ray.remote(num_cpus=2)

@@ -133,6 +133,32 @@ def local_node_args(**kw: Any) -> dict[str, Any]:
     return {"node_ip_address": "127.0.0.1", **{p: free_port() for p in AGENT_PORTS}, **kw}
 
 
+def local_cluster(head: dict[str, Any], workers: list[dict[str, Any]], attempts: int = 3) -> Any:
+    """A ``ray.cluster_utils.Cluster`` of a head and ``workers`` on this machine (``local_node_args`` each).
+    Ray waits a fixed 30 s for a new node to register; on a busy machine a node can miss that, so each node
+    start is tried ``attempts`` times."""
+    from ray.cluster_utils import Cluster
+
+    def retried(start: Any) -> Any:
+        for attempt in range(attempts):
+            try:
+                return start()
+            except Exception:  # "The current node timed out during startup"
+                if attempt == attempts - 1:
+                    raise
+        return None
+
+    cluster = retried(lambda: Cluster(initialize_head=True, head_node_args=local_node_args(**head)))
+    try:
+        for w in workers:
+            retried(lambda w=w: cluster.add_node(**local_node_args(**w)))
+        cluster.wait_for_nodes()
+    except Exception:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
 # ---- clips ------------------------------------------------------------------------------------------
 
 

@@ -20,7 +20,16 @@ from typing import Any
 import ray
 import yaml
 
-from bench.common import local_node_args, machine, machine_line, parse_args, sample_clip, scratch, write_result
+from bench.common import (
+    local_cluster,
+    local_node_args,
+    machine,
+    machine_line,
+    parse_args,
+    sample_clip,
+    scratch,
+    write_result,
+)
 
 NOTICE_S = 6.0  # an AWS spot notice is 120 s and GKE's ~30 s; scaled down with the shards (0.1 s per frame)
 
@@ -89,8 +98,6 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
 
 
 def main() -> None:
-    from ray.cluster_utils import Cluster
-
     from farm.pool import ensure_ray
 
     args = parse_args(__doc__)
@@ -99,12 +106,9 @@ def main() -> None:
     out = scratch("preemption")
     runs = []
     health = {"health_check_period_ms": 200, "health_check_failure_threshold": 5}  # a killed node is seen in ~1 s
-    head = local_node_args(num_cpus=0, include_dashboard=False, _system_config=health)
-    cluster = Cluster(initialize_head=True, head_node_args=head)
+    cluster = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health},
+                            [{"num_cpus": 1, "resources": {"spot": 1}}] * 3)
     try:
-        for _ in range(3):
-            cluster.add_node(num_cpus=1, resources={"spot": 1}, **local_node_args())
-        cluster.wait_for_nodes()
         ensure_ray(cluster.address)
         for preemption in ("drain", "ignore"):
             r = run_one(cluster, clip, frames, out / preemption, preemption)

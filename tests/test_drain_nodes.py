@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 import ray
-from local_nodes import node_args
+from local_nodes import local_cluster, node_args
 from ray.cluster_utils import Cluster
 from watched import run_watched
 
@@ -41,23 +41,10 @@ def drain_node(node_id: str, deadline_s: float) -> None:
 @pytest.fixture(scope="module")
 def cluster(own_ray):
     """Head (no CPU, no ``spot``: no actor lands there) + worker nodes with room for two actors each."""
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            **node_args(),
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "_system_config": {
-                "health_check_initial_delay_ms": 0,
-                "health_check_period_ms": 200,
-                "health_check_failure_threshold": 5,
-            },
-        },
-    )
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 5}
+    c = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health},
+                      [{"num_cpus": 2, "resources": {"spot": 2}}] * 3)
     try:
-        for _ in range(3):
-            c.add_node(num_cpus=2, resources={"spot": 2}, **node_args())
-        c.wait_for_nodes()
         ensure_ray(c.address)
         yield c
     finally:

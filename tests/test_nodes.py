@@ -12,8 +12,7 @@ from typing import Any
 
 import pytest
 import ray
-from local_nodes import node_args
-from ray.cluster_utils import Cluster
+from local_nodes import local_cluster, node_args
 from watched import run_watched
 
 from farm.driver import JobRunner
@@ -29,23 +28,9 @@ FRAMES = 48  # 6 shards of 8
 def cluster(own_ray):
     """Head (no CPU: no actor lands there) + two worker nodes with room for two actors each, so the
     actors of a lost node fit on the other. Fast health checks: a killed node is declared dead in ~1 s."""
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            **node_args(),
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "_system_config": {
-                "health_check_initial_delay_ms": 0,
-                "health_check_period_ms": 200,
-                "health_check_failure_threshold": 5,
-            },
-        },
-    )
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 5}
+    c = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health}, [{"num_cpus": 2}] * 2)
     try:
-        for _ in range(2):
-            c.add_node(num_cpus=2, **node_args())
-        c.wait_for_nodes()
         ensure_ray(c.address)
         yield c
     finally:

@@ -148,12 +148,17 @@ def test_a_preempted_node_loses_no_work(cluster, clip, tmp_path):
 
 
 def test_a_short_notice_moves_the_shard_in_flight(cluster, clip, tmp_path):
-    """1 s of notice, under ``drain_min_deadline_s`` (10 s): the shard in flight on the node is copied to a
-    healthy actor at once; whichever copy finishes first wins, and the output is unchanged."""
+    """3 s of notice, under ``drain_min_deadline_s`` (10 s): the shard in flight on the node is copied to a
+    healthy actor as soon as one is free (actor 0 is slow: 16 s a shard, so its shard is still in flight then);
+    the first copy to finish wins, and the output is unchanged."""
     reference, _ = run_watched(job(clip, tmp_path / "ref"), None, "drain.yaml")
-    result, runner, lost = preempted(cluster, job(clip, tmp_path / "out"), 1.0)
+    j = job(clip, tmp_path / "out")
+    j["model"]["params"].update(slow_actor=0, slow_factor=10)
+    result, runner, lost = preempted(cluster, j, 3.0)
     assert result.ok, result.manifest
     assert frames(result) == frames(reference)
     (moved,) = of(runner.events, "shard_moved")
     assert moved["node"] == lost["node"] and moved["shard"] == lost["shard"]
     assert len(of(runner.events, "shard_done", shard=lost["shard"])) == 1
+    (failed,) = of(runner.events, "shard_failed", shard=lost["shard"])  # the original, lost with its node
+    assert failed["node_lost"] and failed["copy"]

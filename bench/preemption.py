@@ -1,13 +1,13 @@
 """Wasted work when a spot node is preempted: frames rendered twice / frames of the job, drain vs ignore.
 
 ``python -m bench.preemption [--quick]``. A ``ray.cluster_utils.Cluster`` on this machine (every node on
-127.0.0.1): a head without CPUs and three worker nodes, one ``spot`` actor slot each, so the job's three
-actors sit one per node. When half of the job's shards are done, one worker node gets a preemption notice
-through the GCS call the autoscaler makes (``DrainNode``, reason ``PREEMPTION``, deadline ``NOTICE_S``);
-a fresh node is added at once (the autoscaler's part: it replaces capacity when actors are pending), and
-the noticed node is killed at its deadline. The same job runs with ``scheduler.preemption: drain`` and
-``ignore``, side by side. Frames rendered twice are the driver's count (``frames_rerendered`` in the
-manifest: each thrown-away attempt's frames, from its running time and the measured seconds per frame).
+127.0.0.1): a head without CPUs and three worker nodes with room for two actors each (so the actors of
+the lost node fit on the others, the capacity the autoscaler would add). When half of the job's shards
+are done, the node of actor 0 gets a preemption notice through the GCS call the autoscaler makes
+(``DrainNode``, reason ``PREEMPTION``, deadline ``NOTICE_S``) and is killed at its deadline. The same job
+runs with ``scheduler.preemption: drain`` and ``ignore``, side by side. Frames rendered twice are the
+driver's count (``frames_rerendered`` in the manifest: each thrown-away attempt's frames, from its running
+time and the measured seconds per frame).
 """
 
 from __future__ import annotations
@@ -31,7 +31,7 @@ from bench.common import (
     write_result,
 )
 
-NOTICE_S = 6.0  # an AWS spot notice is 120 s and GKE's ~30 s; scaled down with the shards (0.1 s per frame)
+NOTICE_S = 2.0  # AWS gives 120 s and GKE ~30 s; scaled down with the job (0.8 s a shard, 4 s left at the notice)
 
 
 def drain_node(node_id: str, deadline_s: float) -> None:
@@ -56,7 +56,7 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
         "output": {"uri": str(out / "{stem}_{channel}"), "format": "png", "channels": ["alpha"]},
         "resources": {"actors": 3, "custom": {"spot": 1}},
         "retries": 3,
-        "scheduler": {"preemption": preemption, "drain_min_deadline_s": 2},
+        "scheduler": {"preemption": preemption, "drain_min_deadline_s": 1},
     }
     spec = absolute_local_paths(parse_spec(yaml.safe_dump(job), "bench/preemption.yaml"))
     shards = frames // 8
@@ -64,7 +64,6 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
     state: dict[str, Any] = {"done": 0}
 
     def preempt(victim: Any) -> None:
-        cluster.add_node(num_cpus=1, resources={"spot": 1}, **local_node_args())  # the replacement capacity
         time.sleep(max(0.0, state["notice_at"] + NOTICE_S - time.monotonic()))
         cluster.remove_node(victim, allow_graceful=False)
 
@@ -75,6 +74,7 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
             state["done"] += 1
             if state["done"] == shards // 2 and "notice_at" not in state:
                 (victim,) = [n for n in cluster.worker_nodes if n.node_id == nodes[0]]
+                state["actors_on_node"] = sorted(k for k, n in nodes.items() if n == nodes[0])
                 state["notice_at"] = time.monotonic()
                 drain_node(victim.node_id, NOTICE_S)
                 state["thread"] = threading.Thread(target=preempt, args=(victim,), daemon=True)
@@ -84,6 +84,7 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
     result = JobRunner(spec, progress=progress).run()
     wall = time.perf_counter() - t0
     state["thread"].join(timeout=300)
+    cluster.add_node(**local_node_args(num_cpus=2, resources={"spot": 2}))  # three worker nodes again
     m = result.manifest
     if not result.ok:
         raise RuntimeError(f"{preemption}: the job failed: {m}")
@@ -94,6 +95,7 @@ def run_one(cluster: Any, clip: str, frames: int, out: Any, preemption: str) -> 
         "wasted": round(m["frames_rerendered"] / frames, 4),
         "wall_s": round(wall, 2),
         "drained_nodes": m["drained_nodes"],
+        "actors_on_drained_node": state["actors_on_node"],
     }
 
 
@@ -107,7 +109,7 @@ def main() -> None:
     runs = []
     health = {"health_check_period_ms": 200, "health_check_failure_threshold": 5}  # a killed node is seen in ~1 s
     cluster = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health},
-                            [{"num_cpus": 1, "resources": {"spot": 1}}] * 3)
+                            [{"num_cpus": 2, "resources": {"spot": 2}}] * 3)
     try:
         ensure_ray(cluster.address)
         for preemption in ("drain", "ignore"):

@@ -14,8 +14,9 @@ from typing import Any
 
 HERE = Path(__file__).parent
 # seams: RVM handoff vs preroll error; accelerator: the model's busy share, pipelined actor vs serial loop;
-# flow: optical flow estimators' error and speed; void: VAE tiling, pass-2 seams
-BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator", "flow", "void")
+# flow: optical flow estimators' error and speed; void: VAE tiling, pass-2 seams; preemption: wasted work
+# when a spot node is preempted, drain vs ignore
+BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator", "flow", "void", "preemption")
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -143,6 +144,12 @@ def table() -> str:
                     p["busy_share"] >= 0.9 if is_target else True,
                 )
             )
+    p = _load("preemption")
+    if p:
+        drain, ignore = p["summary"]["wasted_drain"], p["summary"]["wasted_ignore"]
+        ratio = drain / ignore if ignore else float(drain > 0)
+        rows.append(_row("preemption, 1 of 3 nodes at 50% of a job: frames rendered twice / frames",
+                         f"{drain:.1%} (drain)", f"{ignore:.1%} (ignore)", ratio, "< 1", drain < ignore))
     out = "\n".join(rows)
     if machine_line:
         out += f"\n\nMachine: {machine_line}"

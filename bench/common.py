@@ -113,6 +113,52 @@ def write_result(name: str, data: dict[str, Any], quick: bool) -> Path:
     return path
 
 
+# ---- several nodes on this machine ------------------------------------------------------------------
+
+AGENT_PORTS = ("metrics_agent_port", "metrics_export_port", "dashboard_agent_listen_port", "runtime_env_agent_port")
+
+
+def local_node_args(**kw: Any) -> dict[str, Any]:
+    """``ray.cluster_utils.Cluster.add_node`` (or ``head_node_args``) keyword arguments for one more node on
+    this machine: on 127.0.0.1, its agents on ports chosen here. A raylet given its agents' ports does not
+    wait for them to write port files, which it gives up on after 15 s (ray#65983): a busy machine starts
+    agents slower than that."""
+    import socket
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    return {"node_ip_address": "127.0.0.1", **{p: free_port() for p in AGENT_PORTS}, **kw}
+
+
+def local_cluster(head: dict[str, Any], workers: list[dict[str, Any]], attempts: int = 3) -> Any:
+    """A ``ray.cluster_utils.Cluster`` of a head and ``workers`` on this machine (``local_node_args`` each).
+    Ray waits a fixed 30 s for a new node to register; on a busy machine a node can miss that, so each node
+    start is tried ``attempts`` times."""
+    from ray.cluster_utils import Cluster
+
+    def retried(start: Any) -> Any:
+        for attempt in range(attempts):
+            try:
+                return start()
+            except Exception:  # "The current node timed out during startup"
+                if attempt == attempts - 1:
+                    raise
+        return None
+
+    cluster = retried(lambda: Cluster(initialize_head=True, head_node_args=local_node_args(**head)))
+    try:
+        for w in workers:
+            retried(lambda w=w: cluster.add_node(**local_node_args(**w)))
+        cluster.wait_for_nodes()
+    except Exception:
+        cluster.shutdown()
+        raise
+    return cluster
+
+
 # ---- clips ------------------------------------------------------------------------------------------
 
 

@@ -22,6 +22,7 @@ from typing import Any
 from bench.common import (
     EventLog,
     job_spec,
+    local_node_args,
     machine,
     machine_line,
     parse_args,
@@ -146,11 +147,15 @@ def main() -> None:
 
     from ray.cluster_utils import Cluster
 
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": CLUSTER_CPUS_PER_NODE})
+    from farm.pool import ensure_ray
+
+
+    # every node on 127.0.0.1, not on this machine's network address
+    cluster = Cluster(initialize_head=True, head_node_args=local_node_args(num_cpus=CLUSTER_CPUS_PER_NODE))
     for _ in range(CLUSTER_NODES - 1):
-        cluster.add_node(num_cpus=CLUSTER_CPUS_PER_NODE)
+        cluster.add_node(**local_node_args(num_cpus=CLUSTER_CPUS_PER_NODE))
     cluster.wait_for_nodes()
-    ray.init(address=cluster.address, logging_level="WARNING")
+    ensure_ray(cluster.address)
     multi = []
     try:
         for n in (4, 16) if args.quick else ACTORS:

@@ -68,7 +68,7 @@ class Kill:
 
 @dataclass(frozen=True)
 class Replace:
-    """Start a successor in ``slot``, off the blocklisted nodes."""
+    """Start a successor in ``slot``, off the blocklisted and the draining nodes."""
 
     slot: int
     generation: int
@@ -104,3 +104,6 @@ class Config:
     blocklist_after: int = 3
     max_failed_shards: int | None = None
     prefetch: bool = False  # hint each actor its likely next shard (chunked models: decode runs ahead)
+    preemption: str = "drain"  # a draining node's notice: "drain" (farm.drain) or "ignore"
+    drain_min_deadline_s: float = 10.0  # under this much notice a shard in flight is not left to finish in place
+    handoff: bool = False  # shards hand state down a chain (never copied)

@@ -19,6 +19,7 @@ from typing import Any
 from farm import intake
 from farm.assemble import blend_overlap, commit_output
 from farm.channels import missing_outputs
+from farm.drain import apply_drains
 from farm.errors import JobError, one_line
 from farm.events import EventKind, EventLog, progress_subscriber
 from farm.graph import Kind
@@ -50,6 +51,7 @@ from farm.worker import ModelConfig
 
 log = logging.getLogger("farm")
 NODES_EVERY_S = 5.0  # how often the scheduler learns which nodes are alive (node blocklists need another)
+DRAINS_EVERY_S = 1.0  # how often the GCS is asked which nodes are draining (a notice can be 30 s or less)
 
 __all__ = ["JobError", "JobResult", "JobRunner", "absolute_local_paths", "ensure_ray", "ledger_root",
            "output_url", "resolve_window", "run_job"]
@@ -183,6 +185,9 @@ class JobRunner:
             blocklist_after=sch.blocklist_after,
             max_failed_shards=self.spec.max_failed_shards,
             prefetch=self.model_cls.chunk_frames is not None,  # whole-window models: a 2nd window is too dear
+            preemption=sch.preemption,
+            drain_min_deadline_s=sch.drain_min_deadline_s,
+            handoff=self.mode == "handoff",
         )
         self.sched = Scheduler(config, r.actors)
         for run in sorted(todo, key=lambda v: -v.info.frame_count):  # longest first: no long tail (av1an)
@@ -207,12 +212,16 @@ class JobRunner:
         pool, sched = self.pool, self.sched
         assert pool is not None and sched is not None
         refusals: list[str] = []
-        nodes_at = -math.inf
+        nodes_at = drains_at = -math.inf
+        drain_every = min(self.spec.scheduler.heartbeat_s or DRAINS_EVERY_S, DRAINS_EVERY_S)
         while True:
             now = time.monotonic()
             if now - nodes_at > NODES_EVERY_S:
                 sched.on_nodes(pool.alive_nodes())
                 nodes_at = now
+            if now - drains_at >= drain_every:
+                apply_drains(sched, pool.draining_nodes(), now, pool.alive_nodes)
+                drains_at = now
             self.apply(sched.decide(now))
             if sched.finished:
                 return
@@ -357,6 +366,8 @@ class JobRunner:
             "seconds": round(time.time() - t_start, 3),
             "input_errors": input_errors,
             "videos": {run.key: run.manifest_entry() for run in self.videos.values()},
+            "drained_nodes": list(self.counts.drained),
+            "frames_rerendered": sum(self.counts.rerendered.values()),
         }
 
 

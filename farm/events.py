@@ -29,6 +29,8 @@ class EventKind(str, Enum):
     ACTOR_HUNG = "actor_hung"
     ACTOR_BLOCKLISTED = "actor_blocklisted"
     NODE_BLOCKLISTED = "node_blocklisted"
+    NODE_DRAINING = "node_draining"  # a node is to be taken (preemption notice): farm.drain
+    SHARD_MOVED = "shard_moved"  # a shard in flight on a draining node got a copy on a healthy actor
     SHARD_DISPATCHED = "shard_dispatched"
     SHARD_SPECULATED = "shard_speculated"
     SHARD_FAILED = "shard_failed"

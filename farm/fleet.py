@@ -43,12 +43,13 @@ class Fleet:
         self.actors = [Actor(k) for k in range(n)]
         self.blocklists = Blocklists(config.blocklist_after)
         self.alive_nodes: set[str] = set()
+        self.draining: set[str] = set()  # nodes about to be taken (farm.drain): no work, no successor there
         self.max_call_s = 0.0  # the longest single render call any actor reported
         self.ever_ready = False
         self.out = out
 
     def idle(self) -> list[int]:
-        return [a.slot for a in self.actors if a.state == ActorState.IDLE]
+        return [a.slot for a in self.actors if a.state == ActorState.IDLE and a.node not in self.draining]
 
     def live(self) -> set[int]:
         return {a.slot for a in self.actors if a.state != ActorState.GONE}
@@ -162,7 +163,7 @@ class Fleet:
             self.emit(EventKind.ACTOR_RETIRED, actor=slot)
             return
         a.state = ActorState.LOADING
-        self.out.append(Replace(slot, a.generation, frozenset(self.blocklists.blocked_nodes)))
+        self.out.append(Replace(slot, a.generation, frozenset(self.blocklists.blocked_nodes | self.draining)))
         self.emit(EventKind.ACTOR_REPLACED, actor=slot, generation=a.generation)
 
     def charge(self, slot: int) -> None:

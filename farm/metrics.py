@@ -42,6 +42,10 @@ class JobMetrics:
         self.videos_done = counter("farm_videos_done", "Videos whose outputs were committed.")
         self.videos_failed = counter("farm_videos_failed", "Videos that failed.")
         self.bytes_written = counter("farm_bytes_written", "Bytes of committed outputs.")
+        self.frames_rerendered = counter(
+            "farm_frames_rerendered", "Frames rendered again because a node was lost or drained (estimated from "
+            "the measured seconds per frame).")
+        self.nodes_draining = counter("farm_nodes_draining", "Drain notices (preemption) received for nodes.")
         self.shard_seconds = Histogram(
             "farm_shard_seconds", description="Seconds per shard on its actor.", boundaries=SECONDS_BUCKETS,
             tag_keys=TAGS,
@@ -98,6 +102,10 @@ class JobMetrics:
         elif kind == EventKind.SHARD_FAILED:
             self.in_flight = max(0, self.in_flight - 1)
             self.shards_failed.inc(1, t)
+        elif kind == EventKind.NODE_DRAINING:
+            self.nodes_draining.inc(1, t)
+        if kind in (EventKind.SHARD_FAILED, EventKind.SHARD_CANCELLED) and e.get("frames_lost"):
+            self.frames_rerendered.inc(int(e["frames_lost"]), t)
         elif kind == EventKind.VIDEO_DONE:
             self.videos_done.inc(1, t)
             self.bytes_written.inc(self._output_bytes(e.get("outputs", [])), t)

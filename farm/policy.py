@@ -99,8 +99,11 @@ class Speculation:
 
     def lateness(self, running_s: float, frames: int) -> float:
         """How many times over 1.5x the median time for its frames a running shard is (>1: a straggler)."""
-        rate = sorted(self.per_frame)[len(self.per_frame) // 2]
-        return running_s / max(1.5 * rate * frames, 1e-3)
+        return running_s / max(1.5 * (self.rate() or 0.0) * frames, 1e-3)
+
+    def rate(self) -> float | None:
+        """The median seconds per frame of the finished shards; None before one finished."""
+        return sorted(self.per_frame)[len(self.per_frame) // 2] if self.per_frame else None
 
     def active(self) -> bool:
         return self.enabled and bool(self.per_frame)

@@ -8,6 +8,7 @@ typed completions (``Loaded``, ``Beat``, ``Done``, ``Failed``, ...) with Ray's e
 from __future__ import annotations
 
 import logging
+import math
 import os
 import time
 from collections.abc import Callable
@@ -23,6 +24,7 @@ from farm.plan import PlanError
 from farm.policy import Failure
 from farm.worker import ModelConfig, ModelWorker
 
+log = logging.getLogger("farm")
 WorkerActor = ray.remote(ModelWorker)
 INPUT_ERRORS = (ModelError, PlanError, BackgroundError)  # about the input: no other actor can do better
 
@@ -38,11 +40,19 @@ def ensure_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """
     if ray.is_initialized():
         return
-    if address:
-        ray.init(address=address, logging_level=logging.WARNING)
-        return
     from ray._private import ray_constants
 
+    if address:
+        was = ray_constants.ENABLE_RAY_CLUSTER
+        if address.split(":")[0] in ("127.0.0.1", "localhost"):
+            # Ray rewrites a loopback address into the machine's network address before it connects, where a
+            # cluster bound to 127.0.0.1 (every node started with node_ip_address=127.0.0.1) does not listen.
+            ray_constants.ENABLE_RAY_CLUSTER = False
+        try:
+            ray.init(address=address, logging_level=logging.WARNING)
+        finally:
+            ray_constants.ENABLE_RAY_CLUSTER = was
+        return
     var = ray_constants.ENABLE_RAY_CLUSTERS_ENV_VAR
     configured = var in os.environ
     was = ray_constants.ENABLE_RAY_CLUSTER
@@ -195,6 +205,18 @@ class Pool:
     def alive_nodes(self) -> set[str]:
         return {n["NodeID"] for n in ray.nodes() if n.get("Alive")}
 
+    def draining_nodes(self) -> dict[str, float] | None:
+        """The nodes Ray is draining (a preemption notice turned into ``DrainNode`` by the autoscaler, or
+        ``ray drain-node``), each with the seconds left to its deadline (math.inf: none given); None when
+        the GCS did not answer. The GCS client's call that Ray Serve and Ray Data poll."""
+        try:
+            deadlines = ray._private.worker.global_worker.gcs_client.get_draining_nodes(timeout=5)
+        except Exception as e:  # a slow GCS must not stop the job: the next poll asks again
+            log.debug("farm: draining nodes not read: %s", e)
+            return None
+        now_ms = time.time() * 1000
+        return {_hex(node): (max(ms - now_ms, 0.0) / 1000 if ms else math.inf) for node, ms in deadlines.items()}
+
     # ---- calls -------------------------------------------------------------------------------
 
     def submit(self, attempt: int, slot: int, method: str, *args: Any, name: str, returns: int = 1) -> None:
@@ -281,6 +303,10 @@ class Pool:
         for a in self.actors:
             if a is not None:
                 ray.kill(a)
+
+
+def _hex(node: Any) -> str:
+    return node if isinstance(node, str) else node.hex() if hasattr(node, "hex") else str(node)
 
 
 def _consume(ref: Any) -> None:

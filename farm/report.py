@@ -20,17 +20,24 @@ REPORT_NAME = "report.parquet"
 
 
 class RunCounts:
-    """Per video, the shards dispatched and the shard attempts failed: subscribes to the run's event log."""
+    """Per video, the shards dispatched, the shard attempts failed and the frames rendered again because a
+    node was lost or drained; the nodes that got a drain notice. Subscribes to the run's event log."""
 
     def __init__(self) -> None:
         self.dispatched: Counter[str] = Counter()
         self.failed: Counter[str] = Counter()
+        self.rerendered: Counter[str] = Counter()
+        self.drained: list[str] = []
 
     def on_event(self, event: Event) -> None:
         if event.kind == EventKind.SHARD_DISPATCHED:
             self.dispatched[event.data["video"]] += 1
         elif event.kind == EventKind.SHARD_FAILED:
             self.failed[event.data["video"]] += 1
+        elif event.kind == EventKind.NODE_DRAINING and event.data["node"] not in self.drained:
+            self.drained.append(event.data["node"])
+        if event.kind in (EventKind.SHARD_FAILED, EventKind.SHARD_CANCELLED) and event.data.get("frames_lost"):
+            self.rerendered[event.data["video"]] += int(event.data["frames_lost"])
 
 
 def report_rows(result: Any, counts: RunCounts, fingerprints: dict[str, str | None]) -> list[dict[str, Any]]:
@@ -55,6 +62,7 @@ def report_rows(result: Any, counts: RunCounts, fingerprints: dict[str, str | No
                 "shards": v["shards"],
                 "shards_dispatched": counts.dispatched.get(key, 0),
                 "shards_failed": counts.failed.get(key, 0),
+                "frames_rerendered": counts.rerendered.get(key, 0),  # of attempts lost with a node (estimated)
                 "outputs": sorted(o["url"] for o in v["outputs"].values() if o.get("url")),
                 "input_fingerprint": fingerprints.get(key),
                 "seam_disagreement_max": seams["max"] if seams else None,
@@ -82,6 +90,7 @@ def write_report(ledger: Ledger, result: Any, counts: RunCounts, fingerprints: d
             ("shards", pa.int64()),
             ("shards_dispatched", pa.int64()),
             ("shards_failed", pa.int64()),
+            ("frames_rerendered", pa.int64()),
             ("outputs", pa.list_(pa.string())),
             ("input_fingerprint", pa.string()),
             ("seam_disagreement_max", pa.float64()),
@@ -89,7 +98,8 @@ def write_report(ledger: Ledger, result: Any, counts: RunCounts, fingerprints: d
         ]
     )
     table = pa.Table.from_pylist(report_rows(result, counts, fingerprints), schema=schema)
-    table = table.replace_schema_metadata({"job": result.job_id, "manifest": result.manifest_url})
+    table = table.replace_schema_metadata({"job": result.job_id, "manifest": result.manifest_url,
+                                           "drained_nodes": ",".join(counts.drained)})
     buf = io.BytesIO()
     pq.write_table(table, buf)
     return storage.write_bytes_atomic(ledger.url(REPORT_NAME), buf.getvalue(), ledger.storage_options)
@@ -107,7 +117,12 @@ def summary_line(manifest: dict[str, Any]) -> str:
     frames = sum(v["frames"] or 0 for v in manifest["videos"].values() if v["status"] == "succeeded")
     parts = [f"{counts.get(s, 0)} {s}" for s in ("succeeded", "skipped", "failed")]
     n = len(manifest["videos"])
-    return f"{', '.join(parts)} of {n} videos, {frames} frames rendered in {manifest['seconds']:.1f}s"
+    line = f"{', '.join(parts)} of {n} videos, {frames} frames rendered in {manifest['seconds']:.1f}s"
+    drained = manifest.get("drained_nodes") or []
+    if drained:
+        line += (f"; {len(drained)} node(s) drained ({', '.join(drained)}), "
+                 f"{manifest.get('frames_rerendered', 0)} frames rendered again")
+    return line
 
 
 def count_frames_done(shards: list[dict[str, Any]], done: set[int], finished: bool = False) -> int:

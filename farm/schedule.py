@@ -8,12 +8,10 @@ through the actor pool; ``Emit`` commands are the run's events, placed where the
 What a failure means, blocklists, speculation and the failure budget are in ``farm.policy``; the actor
 slots (states, pings, successors, blocklisting) in ``farm.fleet``; the commands in ``farm.commands``.
 
-A later rule is a policy addition, not a rewrite. Draining a node before preemption, for one:
-``on_node_draining(node, deadline)`` marks the node in the fleet (as ``blocklists.blocked_nodes`` does,
-so ``Replace`` already keeps successors off it); ``Fleet.idle`` leaves out its actors, so ``_fill``
-dispatches nothing there; ``_speculate`` copies its in-flight stateless shards (the copy machinery and
-first-result-wins exist); a handoff chain's shard there gets a checkpoint command, whose state comes
-back like any handed-off state (``Unit.state_from``).
+A later rule is a policy addition, not a rewrite. Draining a node before preemption, for one
+(``farm.drain``): ``on_node_draining(node, deadline)`` marks the node in the fleet (``Replace`` keeps
+successors off it, ``Fleet.idle`` leaves out its actors, so ``_fill`` dispatches nothing there), and
+its in-flight stateless shards that would not finish by the deadline are copied (first result wins).
 """
 
 from __future__ import annotations
@@ -38,6 +36,7 @@ from farm.commands import (  # noqa: F401 (the commands are this module's answer
     Prefetch,
     Replace,
 )
+from farm.drain import Drain
 from farm.events import EventKind
 from farm.fleet import Actor, ActorState, Fleet
 from farm.graph import ACTOR_KINDS, Kind, Unit
@@ -131,6 +130,7 @@ class Scheduler:
         self.budget = Budget(config.max_failed_shards)
         self._ids = itertools.count(1)
         self.hinted: dict[int, tuple[str, str]] = {}  # slot -> (video, unit) it was told to prefetch
+        self.drain = Drain(config.preemption == "drain", config.drain_min_deadline_s, config.handoff)
 
     @property
     def actors(self) -> list[Actor]:
@@ -159,6 +159,13 @@ class Scheduler:
     def on_nodes(self, alive: set[str]) -> None:
         self.fleet.alive_nodes = set(alive)
 
+    def on_node_draining(self, node: str, deadline: float, now: float) -> None:
+        """``node`` is to be taken by ``deadline`` (math.inf: no deadline given): ``farm.drain``."""
+        self.drain.notice(self, node, deadline, now)
+
+    def on_node_undrained(self, node: str) -> None:
+        self.drain.lift(self, node)
+
     def on_actor_ready(self, slot: int, info: dict[str, Any], generation: int = 0) -> None:
         self.fleet.ready(slot, info, generation)
 
@@ -183,7 +190,7 @@ class Scheduler:
         if a.unit.kind in (Kind.RENDER, Kind.REFINE):
             for other in v.copies.pop(uid, []):  # first result wins
                 if other != attempt:
-                    self._cancel(other)
+                    self._cancel(other, now)
         if not v.running:
             return
         if a.unit.kind in (Kind.RENDER, Kind.REFINE):
@@ -197,6 +204,7 @@ class Scheduler:
         """What a failed attempt does, decided by ``policy.determine`` alone."""
         a = self.attempts.pop(attempt)
         actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        node_lost = actor is not None and failure.actor_died and self._node_gone(actor.node)
         v, uid = self.videos[a.video], a.unit.id
         copies = v.copies.get(uid, [])
         if attempt in copies:
@@ -212,7 +220,9 @@ class Scheduler:
                 self.fleet.charge(actor.slot)
                 v.avoid.setdefault(uid, set()).add(actor.slot)
         if kind in (Kind.RENDER, Kind.REFINE):
-            more = {"copy": True} if copies else {"attempt": v.attempts.get(uid, 0)}
+            more: dict[str, Any] = {"copy": True} if copies else {"attempt": v.attempts.get(uid, 0)}
+            if node_lost:  # what the node's loss cost: the frames this attempt had rendered, redone elsewhere
+                more.update(node_lost=True, frames_lost=self._frames_lost(a, now))
             self._emit(EventKind.SHARD_FAILED, video=v.key, shard=a.unit.shard, actor=a.slot, **more,
                        error=failure.message)
         if verdict.spend_budget:
@@ -236,6 +246,7 @@ class Scheduler:
         for v in self.running():
             for uid in sorted(u for u in v.ready if v.units[u].kind not in ACTOR_KINDS):
                 self._launch(v, uid, now)
+        self.drain.step(self, now)
         self._fill(now)
         if self.running() and not self.attempts and not self.fleet.loading():
             if self.fleet.all_gone():
@@ -344,12 +355,21 @@ class Scheduler:
         v.ready.discard(uid)
         self._out.append(Launch(a.id, v.key, a.unit))
 
-    def _cancel(self, attempt: int) -> None:
+    def _cancel(self, attempt: int, now: float) -> None:
         a = self.attempts[attempt]
         a.abandoned = True
         self._out.append(Cancel(attempt, a.slot, a.video, a.unit.shard))
+        more = {"frames_lost": self._frames_lost(a, now)} if (a.video, a.unit.id) in self.drain.moved else {}
         self._emit(EventKind.SHARD_CANCELLED, video=a.video, shard=a.unit.shard, actor=a.slot,
-                   reason="another copy finished first")
+                   reason="another copy finished first", **more)
+
+    def _node_gone(self, node: str | None) -> bool:
+        """Whether ``node`` was drained or is no longer alive (an actor's death there is the node's loss)."""
+        alive = self.fleet.alive_nodes
+        return node is not None and (node in self.drain.nodes or bool(alive) and node not in alive)
+
+    def _frames_lost(self, a: Attempt, now: float) -> int:
+        return self.drain.frames_lost(now - a.started, self.videos[a.video].frames(a.unit), self.speculation.rate())
 
     def _fail(self, v: VideoWork, message: str) -> None:
         if v.running:

@@ -167,6 +167,16 @@ class SchedulerSpec(_Strict):
         "the longest chunk seen in the job, is hung.",
     )
     blocklist_after: int = Field(3, ge=1, description="Failures of one actor in a job after which it gets no shards.")
+    preemption: Literal["drain", "ignore"] = Field(
+        "drain",
+        description="A node's drain notice (a spot node about to be preempted): 'drain' sends no more work there, "
+        "replaces its actors elsewhere and copies its shards in flight that would not finish by the deadline; "
+        "'ignore' loses the node's work when it goes.",
+    )
+    drain_min_deadline_s: float = Field(
+        10.0, ge=0, description="Under this much notice a shard in flight on a draining node is copied at once, "
+        "never left to finish in place.",
+    )
 
 
 class JobSpec(_Strict):

@@ -142,6 +142,7 @@ def fake_cluster():
         "--head",
         "--block",
         "--num-cpus=0",
+        "--node-ip-address=127.0.0.1",
         "--object-store-memory=200000000",
         "--include-dashboard=false",
         "--disable-usage-stats",
@@ -150,7 +151,9 @@ def fake_cluster():
     ]
     cmd += [f"{p}={gcs if p == '--port' else free_port()}" for p in ports]
     log = open(temp / "head.log", "w")
-    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1")
+    # Every node on 127.0.0.1: the head by --node-ip-address, the fake worker nodes the autoscaler starts by
+    # Ray's single-machine mode (they take the loopback address; the driver connects with ensure_ray).
+    env = ray_env(RAY_FAKE_CLUSTER="1", AUTOSCALER_UPDATE_INTERVAL_S="1", RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=env)
     deadline = time.time() + 120
     while "Ray runtime started" not in (temp / "head.log").read_text():

@@ -1,6 +1,6 @@
 """A worker node lost mid-job, on a real several-node Ray (``ray.cluster_utils.Cluster``: a head and two
-worker nodes on this machine): the actors that were on it are replaced on the remaining node, the shard
-in flight there is rendered again, and the output equals a fault-free run's, frame for frame.
+worker nodes on this machine, all on 127.0.0.1): the actors that were on it are replaced on the remaining
+node, the shard in flight there is rendered again, and the output equals a fault-free run's, frame for frame.
 
 This module connects to its own cluster (fixture ``own_ray`` stops the session's Ray for the module).
 """
@@ -12,10 +12,11 @@ from typing import Any
 
 import pytest
 import ray
-from ray.cluster_utils import Cluster
+from local_nodes import local_cluster, node_args
 from watched import run_watched
 
 from farm.driver import JobRunner
+from farm.pool import ensure_ray
 from farm.sample import write_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -27,23 +28,10 @@ FRAMES = 48  # 6 shards of 8
 def cluster(own_ray):
     """Head (no CPU: no actor lands there) + two worker nodes with room for two actors each, so the
     actors of a lost node fit on the other. Fast health checks: a killed node is declared dead in ~1 s."""
-    c = Cluster(
-        initialize_head=True,
-        head_node_args={
-            "num_cpus": 0,
-            "include_dashboard": False,
-            "_system_config": {
-                "health_check_initial_delay_ms": 0,
-                "health_check_period_ms": 200,
-                "health_check_failure_threshold": 5,
-            },
-        },
-    )
+    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 5}
+    c = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health}, [{"num_cpus": 2}] * 2)
     try:
-        for _ in range(2):
-            c.add_node(num_cpus=2)
-        c.wait_for_nodes()
-        ray.init(address=c.address, logging_level="WARNING")
+        ensure_ray(c.address)
         yield c
     finally:
         ray.shutdown()
@@ -127,7 +115,7 @@ def test_node_whose_actors_keep_failing_is_blocklisted(cluster, clip, tmp_path):
 
     reference, _ = run(job(clip, tmp_path / "ref"))
     assert reference.ok, reference.manifest
-    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"})
+    bad = cluster.add_node(num_cpus=2, env_vars={"FARM_TEST_BAD_NODE": "1"}, **node_args())
     cluster.wait_for_nodes()
 
     @ray.remote(num_cpus=2)

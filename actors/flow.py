@@ -108,9 +108,11 @@ def _luma8(x: torch.Tensor) -> np.ndarray:
 def _dis(a: torch.Tensor, b: torch.Tensor, preset: int | None = None) -> torch.Tensor:
     import cv2
 
-    dis = cv2.DISOpticalFlow_create(cv2.DISOPTICAL_FLOW_PRESET_MEDIUM if preset is None else preset)
+    preset = cv2.DISOPTICAL_FLOW_PRESET_MEDIUM if preset is None else preset
     ga, gb = _luma8(a), _luma8(b)
-    out = np.stack([dis.calc(x, y, None) for x, y in zip(ga, gb, strict=True)])  # [N, H, W, 2]
+    # a fresh DIS per pair: one object carries state from call to call, so a pair's flow would depend on the
+    # pairs computed before it (and a shard's flow on where the shard starts)
+    out = np.stack([cv2.DISOpticalFlow_create(preset).calc(x, y, None) for x, y in zip(ga, gb, strict=True)])
     return torch.from_numpy(out).permute(0, 3, 1, 2).contiguous().to(a.device)
 
 

@@ -527,7 +527,7 @@ class VOID(VideoModel):
             if k == handoff_at:
                 handoff = warper.state().cpu().clone()
             out[k] = downscale(warper.noise, self.noise_scale).cpu()
-        return out.half().float(), handoff  # noises.npy holds float16, and so does the state's picture of it
+        return out.half().float(), handoff  # upstream stores noises.npy as float16: the model sees that rounding
 
     def pick_latent_noise(self, per_frame: Any) -> Any:
         """``[F, C, h, w]`` per padded frame -> ``[1, L, C, h, w]``: latent ``k`` takes the frame upstream

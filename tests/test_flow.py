@@ -64,3 +64,17 @@ def test_bad_method_and_raft_without_weights_or_torchvision_are_one_line_errors(
         (tmp_path / "raft_large.safetensors").write_bytes(b"not weights")
         with pytest.raises(FlowError, match="raft_large"):
             estimate_flow(a, a, method="raft", weights=str(tmp_path / "raft_large.safetensors"))
+
+
+def test_dis_flow_of_a_pair_does_not_depend_on_the_batch() -> None:
+    """A pair's flow is the same alone or inside a batch (shards that share frames must get the same flow)."""
+    big = texture(120, 200, seed=5)
+    frames = []
+    for i in range(9):
+        f = torch.zeros(1, 2, *big.shape[-2:])
+        f[:, 0], f[:, 1] = 1.5 * i, -0.5 * i * i
+        frames.append(warp(big, f)[..., 10:106, 10:170])
+    x = torch.nn.functional.interpolate(torch.cat(frames), size=(24, 40), mode="area")  # VOID's tiny flow grids too
+    batch = estimate_flow(x[:-1], x[1:])
+    for i in range(8):
+        assert torch.equal(batch[i : i + 1], estimate_flow(x[i : i + 1], x[i + 1 : i + 2])), i

@@ -251,8 +251,9 @@ class ModelWorker:
         """The CPUs this actor was given (``resources.cpus_per_actor``); every core in-process."""
         import ray
 
-        if ray.is_initialized():
-            cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+        ctx = ray.get_runtime_context() if ray.is_initialized() else None
+        if ctx is not None and ctx.worker.mode == ray.WORKER_MODE:  # an actor, not a driver using it in-process
+            cpus = ctx.get_assigned_resources().get("CPU")
             if cpus:
                 return float(cpus)
         return float(os.cpu_count() or 1)

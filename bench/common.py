@@ -180,7 +180,8 @@ def sample_clip(frames: int, width: int = 64, height: int = 48) -> str:
 
 def trimmed_clip(src: str, frames: int, width: int | None = None, height: int | None = None) -> str:
     """The first ``frames`` frames of ``src`` (optionally resized), re-encoded once with SegmentWriter."""
-    from farm.video import SegmentWriter, probe, read_frames
+    from farm.encode import SegmentWriter
+    from farm.video import probe, read_frames
 
     info = probe(src)
     w, h = width or info.width, height or info.height

@@ -2,7 +2,7 @@
 
 The plain loop is written the way RVM's ``convert_video`` works: PyAV decodes frames, the model renders
 them in chunks carrying its state, and PyAV encodes the outputs with farm's own encoder settings
-(``farm.video.SegmentWriter``: x264 crf 16, preset medium, no B-frames), so only the orchestration
+(``farm.encode.SegmentWriter``: x264 crf 16, preset medium, no B-frames), so only the orchestration
 differs. Both timings include loading the model. Threads: the plain loop keeps torch's default (one
 per core); each farm actor gets what Ray gives an actor of ``cpus_per_actor=1`` (OMP_NUM_THREADS=1;
 ``torch.get_num_threads()`` is read in a ``num_cpus=1`` task), so both use one compute thread per core.
@@ -43,8 +43,8 @@ def plain_loop(model_cfg: dict[str, Any], src: str, out_dir: str, chunk: int = 1
     from actors import load_model_class
     from actors.base import VideoContext
     from farm.channels import channel_frames, components
+    from farm.encode import SegmentWriter
     from farm.stitch import to_uint8
-    from farm.video import SegmentWriter
 
     t0 = time.perf_counter()
     model = load_model_class(model_cfg["name"])(**model_cfg.get("params", {}))

@@ -2,7 +2,7 @@
 
 - decode: ``farm.video.read_frames`` vs a bare ``container.decode`` loop with ``to_ndarray("rgb24")``
   (both with PyAV's frame threading, ``thread_type="AUTO"``, as farm sets it), at 720p and 1080p.
-- encode: ``farm.video.SegmentWriter`` vs a bare PyAV libx264 encoder with the same settings
+- encode: ``farm.encode.SegmentWriter`` vs a bare PyAV libx264 encoder with the same settings
   (crf 16, preset medium, no B-frames, yuv420p, BT.709 limited), frames already in memory.
 - assembly: a 1080p video decoded and encoded as N segments by 2 processes, then remuxed with
   ``concat_segments``, vs the same decode and one serial encoder. x264 threads itself in both.
@@ -60,7 +60,7 @@ def bare_encode(path: str, frames: list[Any], fps: Fraction) -> int:
 
 
 def farm_encode(path: str, frames: list[Any], fps: Fraction) -> int:
-    from farm.video import SegmentWriter
+    from farm.encode import SegmentWriter
 
     h, w, _ = frames[0].shape
     with SegmentWriter(path, fps, w, h) as out:
@@ -84,7 +84,8 @@ def best_of(fns: list[tuple[Any, tuple]], repeat: int) -> list[tuple[float, Any]
 
 def encode_segment(src: str, start: int, stop: int, path: str) -> int:
     """Decode [start, stop) of ``src`` and encode it as one segment (what a farm actor does per shard)."""
-    from farm.video import SegmentWriter, probe, read_frames
+    from farm.encode import SegmentWriter
+    from farm.video import probe, read_frames
 
     info = probe(src)
     with SegmentWriter(path, info.fps, info.width, info.height) as out:
@@ -94,7 +95,7 @@ def encode_segment(src: str, start: int, stop: int, path: str) -> int:
 
 
 def segment_parallel(src: str, n_frames: int, segments: int, out_dir: str) -> dict[str, Any]:
-    from farm.video import concat_segments
+    from farm.encode import concat_segments
 
     t0 = time.perf_counter()
     serial = encode_segment(src, 0, n_frames, os.path.join(out_dir, "serial.mp4"))

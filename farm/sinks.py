@@ -98,7 +98,7 @@ class FsspecSink:
 class _SegmentPiece(Piece):
     def __init__(self, sink: VideoSink, name: str, start: int, threads: int = 0) -> None:
         super().__init__(sink, name, start)
-        from farm.video import SegmentWriter
+        from farm.encode import SegmentWriter
 
         t = sink.target
         fd, self.path = tempfile.mkstemp(suffix=f".{t.format}", prefix="farm-piece-")
@@ -157,7 +157,8 @@ class VideoSink(FsspecSink):
         return _SegmentPiece(self, name, start, threads)
 
     def on_write_complete(self, pieces: list[dict[str, Any]]) -> dict[str, Any]:
-        from farm.video import concat_segments, decoded_frame_count
+        from farm.encode import concat_segments
+        from farm.video import decoded_frame_count
 
         pieces = sorted(pieces, key=lambda p: p["start"])
         with tempfile.TemporaryDirectory(prefix="farm-assemble-") as tmp:

@@ -19,9 +19,10 @@ import yaml
 from actors.base import ModelError
 from actors.gvm import GVM, resized_size
 from farm.driver import run_job
+from farm.encode import SegmentWriter
 from farm.plan import plan_shards
 from farm.spec import parse_spec
-from farm.video import SegmentWriter, read_frames
+from farm.video import read_frames
 
 FRAMES, H, W = 48, 36, 52
 SPEED = 0.12  # radians per frame of the moving pattern: steady motion, so in-window steps are steady

@@ -13,7 +13,8 @@ import pytest
 from media import write_video
 
 from farm import video
-from farm.video import SegmentWriter, VideoError, VideoInfo, concat_segments, probe, read_frames
+from farm.encode import SegmentWriter, concat_segments
+from farm.video import VideoError, VideoInfo, probe, read_frames
 
 VIDEOS = Path(__file__).resolve().parents[1].parent / "shared" / "videos"
 REAL = sorted(VIDEOS.glob("*")) if VIDEOS.is_dir() else []

@@ -14,8 +14,9 @@ from PIL import Image
 
 from actors.base import ModelError, VideoContext
 from actors.videograin import VideoGrain
+from farm.encode import SegmentWriter
 from farm.spec import SpecError, parse_spec
-from farm.video import SegmentWriter, probe, read_frames
+from farm.video import probe, read_frames
 
 ROOT = Path(__file__).resolve().parents[1]
 T, H, W, FPS = 20, 48, 64, 12

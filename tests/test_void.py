@@ -27,8 +27,9 @@ from actors.void import (
     window_weights,
     working_size,
 )
+from farm.encode import SegmentWriter
 from farm.stitch import blend
-from farm.video import SegmentWriter, read_frames
+from farm.video import read_frames
 
 T, H, W = 24, 32, 48
 LAT = 4  # latent channels of the tiny VAE

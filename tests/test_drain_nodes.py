@@ -15,11 +15,10 @@ from typing import Any
 
 import pytest
 import ray
-from local_nodes import local_cluster, node_args
+from local_nodes import connected_cluster, node_args
 from ray.cluster_utils import Cluster
 from watched import run_watched
 
-from farm.pool import ensure_ray
 from farm.sample import write_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
@@ -41,15 +40,8 @@ def drain_node(node_id: str, deadline_s: float) -> None:
 @pytest.fixture(scope="module")
 def cluster(own_ray):
     """Head (no CPU, no ``spot``: no actor lands there) + worker nodes with room for two actors each."""
-    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 5}
-    c = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health},
-                      [{"num_cpus": 2, "resources": {"spot": 2}}] * 3)
-    try:
-        ensure_ray(c.address)
+    with connected_cluster([{"num_cpus": 2, "resources": {"spot": 2}}] * 3) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -12,11 +12,10 @@ from typing import Any
 
 import pytest
 import ray
-from local_nodes import local_cluster, node_args
+from local_nodes import connected_cluster, node_args
 from watched import run_watched
 
 from farm.driver import JobRunner
-from farm.pool import ensure_ray
 from farm.sample import write_sample
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(400)]
@@ -28,14 +27,8 @@ FRAMES = 48  # 6 shards of 8
 def cluster(own_ray):
     """Head (no CPU: no actor lands there) + two worker nodes with room for two actors each, so the
     actors of a lost node fit on the other. Fast health checks: a killed node is declared dead in ~1 s."""
-    health = {"health_check_initial_delay_ms": 0, "health_check_period_ms": 200, "health_check_failure_threshold": 5}
-    c = local_cluster({"num_cpus": 0, "include_dashboard": False, "_system_config": health}, [{"num_cpus": 2}] * 2)
-    try:
-        ensure_ray(c.address)
+    with connected_cluster([{"num_cpus": 2}] * 2) as c:
         yield c
-    finally:
-        ray.shutdown()
-        c.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -108,8 +108,7 @@ class SyntheticModel(VideoModel):
             import torch
 
             raise torch.OutOfMemoryError(f"synthetic: {len(frames)} frames > oom_above={self.oom_above}")
-        rgb = 1.0 - frames.astype(np.float32) / 255.0  # [T, H, W, 3]
-        alpha = rgb.mean(axis=-1, keepdims=True)
+        rgb, alpha = invert(frames)
         if self.shard_offset and span is not None and (span[0] // self.shard_stride) % 2:
             o = self.shard_offset
             rgb, alpha = (np.where(x < 0.5, x + o, x - o) for x in (rgb, alpha))
@@ -126,6 +125,21 @@ class SyntheticModel(VideoModel):
         if delay:  # a device's fixed cost: the call takes ``delay`` in all, its own small CPU work included
             time.sleep(max(0.0, delay - (time.perf_counter() - t0)))
         return {"alpha": alpha, "fgr": rgb}, {"frames": np.array([seen + len(frames)], dtype=np.int64)}
+
+
+def invert(frames: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``1 - frames/255`` as fgr and its channel mean as alpha, float32, computed from the uint8 inversion
+    with in-place steps: about 0.01 CPU-s per 720p frame instead of 0.06, so that a model standing for an
+    accelerator leaves the CPU to the pipeline's decoder and encoders."""
+    inverse = 255 - frames  # uint8
+    rgb = inverse.astype(np.float32)
+    rgb *= np.float32(1 / 255)
+    total = inverse[..., 0].astype(np.uint16)
+    total += inverse[..., 1]
+    total += inverse[..., 2]
+    alpha = total[..., None].astype(np.float32)
+    alpha *= np.float32(1 / 765)
+    return rgb, alpha
 
 
 class SyntheticTwoPass(SyntheticModel):

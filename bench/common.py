@@ -224,6 +224,7 @@ def job_spec(
     window: dict[str, Any] | None = None,
     channels: tuple[str, ...] = ("alpha",),
     format: str = "mp4",
+    preset: str | None = None,
 ) -> Any:
     """A JobSpec built the way a user writes one (YAML through parse_spec)."""
     from farm.spec import parse_spec
@@ -237,6 +238,8 @@ def job_spec(
     }
     if window:
         job["window"] = window
+    if preset:
+        job["output"]["preset"] = preset
     return parse_spec(yaml.safe_dump(job), f"bench/{name}.yaml")
 
 

@@ -51,6 +51,7 @@ class ShardRecord:
     previous: str | None = None  # two-pass models: this shard's pass-1 output
     oom_splits: list[int] | None = None  # batch sizes that ran out of memory and were halved
     input: str | None = None  # the input's fingerprint when rendered: a changed input is rendered again
+    stages: dict[str, float | None] | None = None  # where the shard's time went (the actor's pipeline stages)
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardRecord:

@@ -39,6 +39,7 @@ class OutputTarget:
     height: int
     components: int  # 1 alpha, 3 colour, 4 rgba
     quality: int = 16
+    preset: str = "medium"  # x264's speed/size trade-off (mp4 only)
     audio_from: str | None = None  # source video whose audio is carried in
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -111,6 +112,7 @@ class _SegmentPiece(Piece):
             format=t.format,
             channels=t.components,
             quality=t.quality,
+            preset=t.preset,
             threads=threads,
         )
 

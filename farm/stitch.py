@@ -39,7 +39,11 @@ def blend(tail: np.ndarray, head: np.ndarray, kind: Ramp = "linear") -> np.ndarr
 
 def to_uint8(frames: np.ndarray) -> np.ndarray:
     """``float [..., C]`` in [0, 1] -> ``uint8`` with rounding (not truncation, which darkens by 0.5 LSB)."""
-    return np.clip(np.rint(frames * 255.0), 0, 255).astype(np.uint8)
+    dtype = np.result_type(frames.dtype, np.float32)  # float16 overlaps in float32, float64 stays float64
+    scaled = np.multiply(frames, dtype.type(255.0), dtype=dtype)  # one temporary, rounded and clipped in place
+    np.rint(scaled, out=scaled)
+    np.clip(scaled, 0, 255, out=scaled)
+    return scaled.astype(np.uint8)
 
 
 def seam_disagreement(tail: np.ndarray, head: np.ndarray, start: int = 0) -> dict[str, Any]:

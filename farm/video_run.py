@@ -99,6 +99,7 @@ def make_targets(spec: JobSpec, run: VideoRun, ledger: Ledger) -> None:
             height=run.info.height,
             components=components(ch),
             quality=spec.output.quality,
+            preset=spec.output.preset,
             audio_from=run.input.url if (colour and spec.output.audio and run.info.has_audio) else None,
             storage_options=spec.storage_options,
         )

@@ -107,3 +107,4 @@ class Config:
     preemption: str = "drain"  # a draining node's notice: "drain" (farm.drain) or "ignore"
     drain_min_deadline_s: float = 10.0  # under this much notice a shard in flight is not left to finish in place
     handoff: bool = False  # shards hand state down a chain (never copied)
+    queue: int = 1  # shards an actor holds at once: with 2 the next one's model calls follow the current one's

@@ -188,6 +188,7 @@ class JobRunner:
             preemption=sch.preemption,
             drain_min_deadline_s=sch.drain_min_deadline_s,
             handoff=self.mode == "handoff",
+            queue=sch.shards_per_actor,
         )
         self.sched = Scheduler(config, r.actors)
         for run in sorted(todo, key=lambda v: -v.info.frame_count):  # longest first: no long tail (av1an)
@@ -196,7 +197,7 @@ class JobRunner:
             self.sched.add_video(run.key, run.units, run.info.frame_count, done)
         m = self.spec.model
         model = ModelConfig(m.name, dict(m.params), m.weights, m.device, m.dtype, r.gpu_memory_gb)
-        self.pool = Pool(self.spec.job_id, model, r, self.so, self.spec.retries)
+        self.pool = Pool(self.spec.job_id, model, r, self.so, self.spec.retries, sch.shards_per_actor)
         self.pool.start(r.actors)
         try:
             self.loop()
@@ -286,7 +287,7 @@ class JobRunner:
             s = run.shards[i]
             self.event(EventKind.SHARD_DONE, video=run.key, shard=i, actor=a.slot, frames=s.stop - s.core_start,
                        seconds=record.seconds)
-            seconds = record.seconds
+            seconds = record.seconds - ((record.stages or {}).get("queued_s") or 0.0)  # its own render time
         elif unit.kind == Kind.BLEND:
             piece = dict(c.value)
             seam = {"output": unit.channel, **piece.pop("seam")}  # measured by the blend, not committed

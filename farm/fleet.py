@@ -6,7 +6,7 @@ outbox, and the scheduler decides what a hang means for the work the actor held.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import Enum
 from typing import Any
 
@@ -20,7 +20,7 @@ MAX_REPLACEMENTS = 5  # per actor slot and job
 class ActorState(Enum):
     LOADING = "loading"  # started, its model not yet loaded
     IDLE = "idle"
-    BUSY = "busy"  # one attempt on it (a cancelled copy keeps it busy until it stops)
+    BUSY = "busy"  # an attempt on it, maybe more queued behind (a cancelled copy keeps it busy until it stops)
     KILLED = "killed"  # killed by the scheduler; its death is on its way back
     GONE = "gone"  # retired or blocklisted: no more work, no successor
 
@@ -31,7 +31,8 @@ class Actor:
     state: ActorState = ActorState.LOADING
     generation: int = 0
     node: str | None = None
-    attempt: int | None = None
+    attempt: int | None = None  # the attempt that has (or is next to get) the actor's model
+    queued: list[int] = field(default_factory=list)  # attempts sent behind it (Config.queue > 1)
     retired: str | None = None
     ping_out: bool = False
     ping_sent: float = -math.inf
@@ -47,9 +48,15 @@ class Fleet:
         self.max_call_s = 0.0  # the longest single render call any actor reported
         self.ever_ready = False
         self.out = out
+        self.orphans: list[int] = []  # attempts queued on actors killed before they began: to dispatch again
 
     def idle(self) -> list[int]:
         return [a.slot for a in self.actors if a.state == ActorState.IDLE and a.node not in self.draining]
+
+    def queueable(self) -> list[int]:
+        """Busy actors that take one more shard behind what they hold (``Config.queue``)."""
+        return [a.slot for a in self.actors if a.state == ActorState.BUSY and a.node not in self.draining
+                and 1 + len(a.queued) < self.config.queue]
 
     def live(self) -> set[int]:
         return {a.slot for a in self.actors if a.state != ActorState.GONE}
@@ -123,15 +130,23 @@ class Fleet:
 
     def take(self, slot: int, attempt: int) -> None:
         a = self.actors[slot]
-        a.state, a.attempt = ActorState.BUSY, attempt
+        if a.attempt is None:
+            a.state, a.attempt = ActorState.BUSY, attempt
+        else:
+            a.queued.append(attempt)
 
-    def free(self, slot: int, attempt: int) -> Actor:
+    def free(self, slot: int, attempt: int) -> int | None:
+        """``attempt`` has ended; returns the queued attempt that now has the actor's model, if any."""
         a = self.actors[slot]
-        if a.attempt == attempt:
-            a.attempt = None
-            if a.state == ActorState.BUSY:
-                a.state = ActorState.IDLE
-        return a
+        if attempt in a.queued:
+            a.queued.remove(attempt)
+            return None
+        if a.attempt != attempt:
+            return None
+        a.attempt = a.queued.pop(0) if a.queued else None
+        if a.attempt is None and a.state == ActorState.BUSY:
+            a.state = ActorState.IDLE
+        return a.attempt
 
     def hang(self, slot: int, reason: str, data: dict[str, Any]) -> None:
         """Kill a hung actor; a held attempt comes back as an actor death (and the actor is replaced then)."""
@@ -150,10 +165,12 @@ class Fleet:
         if actor.state in (ActorState.IDLE, ActorState.BUSY, ActorState.LOADING):
             self.out.append(Kill(slot))
             actor.state = ActorState.KILLED
+            self.orphans += actor.queued
+            actor.queued = []
 
     def replace(self, slot: int) -> None:
         a = self.actors[slot]
-        a.attempt, a.ping_out, a.node = None, False, None
+        a.attempt, a.queued, a.ping_out, a.node = None, [], False, None
         if a.retired:  # blocklisted or retired: its death needs no successor
             a.state = ActorState.GONE
             return

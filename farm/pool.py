@@ -144,8 +144,9 @@ class Pool:
     """The job's model actors by slot, and every call in flight (``ref -> what it was``)."""
 
     def __init__(self, job_id: str, config: ModelConfig, resources: Any, storage_options: dict[str, Any],
-                 retries: int) -> None:
+                 retries: int, queue: int = 1) -> None:
         self.job_id, self.config, self.resources, self.so = job_id, config, resources, storage_options
+        self.queue = queue  # shards an actor holds at once (scheduler.shards_per_actor)
         self.actors: list[Any] = []
         self.generation: list[int] = []
         self.calls: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, payload)
@@ -171,7 +172,8 @@ class Pool:
             num_cpus=r.cpus_per_actor,
             num_gpus=r.gpus_per_actor,
             resources=dict(r.custom) or None,  # custom node resources the autoscaler scales on
-            max_concurrency=2,  # one shard at a time (the driver never sends two), plus ping/abort beside it
+            # shards_per_actor render calls (they take turns at the model), plus ping, abort and prefetch beside
+            max_concurrency=self.queue + 2,
             max_restarts=0,  # the driver replaces dead actors itself, and knows which shard they held
         )
         if avoid_nodes:  # replacements keep off blocklisted nodes

@@ -57,8 +57,10 @@ class Attempt:
     unit: Unit
     slot: int | None
     number: int
-    started: float
+    started: float  # dispatched, or (queued behind another attempt) when it got the actor's model
+    generation: int = 0  # of the actor it was sent to: a successor's is another actor
     abandoned: bool = False  # a cancelled copy: only its actor still matters
+    copy: bool = False  # a straggler's or a moved shard's copy: it spent none of the unit's attempts
 
 
 class VideoWork:
@@ -180,8 +182,9 @@ class Scheduler:
             self._hung(slot, reason)
 
     def on_done(self, attempt: int, now: float, seconds: float = 0.0) -> None:
+        """``seconds``: the shard's own render time (not its wait behind another shard on the actor)."""
         a = self.attempts.pop(attempt)
-        actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        actor = self._release(a, now)
         if actor is not None and actor.state == ActorState.KILLED:
             self.fleet.replace(actor.slot)  # killed as hung, finished anyway: its successor is due
         if a.abandoned:
@@ -203,7 +206,7 @@ class Scheduler:
     def on_failed(self, attempt: int, failure: Failure, now: float) -> None:
         """What a failed attempt does, decided by ``policy.determine`` alone."""
         a = self.attempts.pop(attempt)
-        actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        actor = self._release(a, now)
         node_lost = actor is not None and failure.actor_died and self._node_gone(actor.node)
         v, uid = self.videos[a.video], a.unit.id
         copies = v.copies.get(uid, [])
@@ -270,21 +273,37 @@ class Scheduler:
     def finished(self) -> bool:
         return not self.running()
 
+    def _release(self, a: Attempt, now: float) -> Actor | None:
+        """The actor ``a`` ran on, freed of it (None for a task, or when that actor was replaced since); an
+        attempt queued behind it now has the model, and its running time counts from now."""
+        if a.slot is None or self.fleet.actors[a.slot].generation != a.generation:
+            return None
+        promoted = self.fleet.free(a.slot, a.id)
+        if promoted is not None:
+            self.attempts[promoted].started = now
+        return self.fleet.actors[a.slot]
+
+    def _ready(self) -> list[tuple[str, VideoWork]]:
+        """Ready actor units, highest priority first: most frames left in the video (the critical path)."""
+        ready = sorted((-v.left, v.units[u].shard, v.rank, u, v) for v in self.running() for u in v.ready
+                       if v.units[u].kind in ACTOR_KINDS)
+        return [(uid, v) for *_, uid, v in ready]
+
     def _fill(self, now: float) -> None:
+        """Idle actors first (ready shards, else a queued one moved over, else a straggler's copy), then
+        queues behind busy actors."""
+        self._requeue_orphans()
         while not self.budget.exhausted:
             idle = self.fleet.idle()
             if not idle:
-                return
+                break
             if self.prep:
                 v = self.videos[self.prep.popleft()]
                 if v.running:
                     self._dispatch(idle[0], v, "prepare", now)
                 continue
-            # Ready shards, highest priority first: most frames left in the video (critical path).
-            ready = sorted((-v.left, v.units[u].shard, v.rank, u, v) for v in self.running() for u in v.ready
-                           if v.units[u].kind in ACTOR_KINDS)
             live = self.fleet.live()
-            for *_, uid, v in ready:
+            for uid, v in self._ready():
                 avoid = v.avoid.get(uid, set())
                 fresh = [k for k in idle if k not in avoid]
                 fresh.sort(key=lambda k: self.hinted.get(k) != (v.key, uid))  # the actor already decoding it first
@@ -293,8 +312,64 @@ class Scheduler:
                     break
                 # else: leave it for a busy actor that has not failed it yet
             else:
-                if not self._speculate(idle, now):
-                    return
+                if not self._steal(idle, now) and not self._speculate(idle, now):
+                    break
+        self._queue(now)
+
+    def _requeue_orphans(self) -> None:
+        """Shards queued on an actor that was killed (hung, blocklisted) before they began: ready again,
+        spending none of their attempts (their death, when it comes back, is an abandoned copy's)."""
+        while self.fleet.orphans:
+            a = self.attempts.get(self.fleet.orphans.pop(0))
+            if a is None or a.abandoned:
+                continue
+            a.abandoned = True
+            v, uid = self.videos[a.video], a.unit.id
+            copies = v.copies.get(uid, [])
+            if a.id in copies:
+                copies.remove(a.id)
+            if not copies:
+                v.copies.pop(uid, None)
+                if not a.copy:
+                    v.attempts[uid] -= 1
+                if v.running and v.state[uid] == UnitState.RUNNING:
+                    v.make_ready(uid)
+            self._emit(EventKind.SHARD_CANCELLED, video=v.key, shard=a.unit.shard, actor=a.slot,
+                       reason="its actor was stopped before the shard began")
+
+    def _queue(self, now: float) -> None:
+        """Ready shards behind busy actors' current ones (``Config.queue`` > 1): an actor's next model calls
+        then start as soon as its current shard's last call ends, while that shard's encoders finish."""
+        while not self.budget.exhausted:
+            slots = self.fleet.queueable()
+            for uid, v in self._ready():
+                fresh = [k for k in slots if k not in v.avoid.get(uid, set())]
+                if fresh:  # the actor decoding it already, else the one whose current shard started first
+                    fresh.sort(key=lambda k: (self.hinted.get(k) != (v.key, uid), self._started(k)))
+                    self._dispatch(fresh[0], v, uid, now)
+                    break
+            else:
+                return
+
+    def _started(self, slot: int) -> float:
+        attempt = self.fleet.actors[slot].attempt
+        return self.attempts[attempt].started if attempt in self.attempts else 0.0
+
+    def _steal(self, idle: list[int], now: float) -> bool:
+        """An idle actor takes a shard queued behind another actor's current one (not started there): that
+        queued call is cancelled, so no actor idles while another holds work it has not begun."""
+        for actor in self.fleet.actors:
+            for attempt in actor.queued:
+                a = self.attempts[attempt]
+                v = self.videos[a.video]
+                free = [k for k in idle if k not in v.avoid.get(a.unit.id, set())]
+                if a.abandoned or not v.running or not free:
+                    continue
+                v.copies[a.unit.id].remove(attempt)
+                self._cancel(attempt, now, reason="moved to an idle actor")
+                self._dispatch(free[0], v, a.unit.id, now, moved_from=a.slot)
+                return True
+        return False
 
     def _speculate(self, idle: list[int], now: float) -> bool:
         """At the tail (nothing else to run), copy the slowest straggler to an idle actor."""
@@ -317,21 +392,28 @@ class Scheduler:
         self._dispatch(slot, v, uid, now, copy=True)
         return True
 
-    def _dispatch(self, slot: int, v: VideoWork, uid: str, now: float, copy: bool = False) -> None:
+    def _dispatch(self, slot: int, v: VideoWork, uid: str, now: float, copy: bool = False,
+                  moved_from: int | None = None) -> None:
+        """``copy``: a second attempt beside a running one; ``moved_from``: the slot whose queued, not begun,
+        attempt this one replaces. Neither spends one of the unit's attempts, and both write under a tag of
+        their own (the other attempt's parts are never overwritten)."""
         unit = v.units[uid]
-        if not copy and unit.kind != Kind.PREPARE:  # a copy is not a retry: it spends none of the attempts
+        spare = copy or moved_from is not None
+        if not spare and unit.kind != Kind.PREPARE:  # a copy is not a retry: it spends none of the attempts
             v.attempts[uid] = v.attempts.get(uid, 0) + 1
         number = v.attempts.get(uid, 1)
-        a = Attempt(next(self._ids), v.key, unit, slot, number, now)
+        a = Attempt(next(self._ids), v.key, unit, slot, number, now, self.fleet.actors[slot].generation, copy=spare)
         self.attempts[a.id] = a
         self.fleet.take(slot, a.id)
         v.state[uid] = UnitState.RUNNING
         v.ready.discard(uid)
-        self._out.append(Dispatch(a.id, slot, v.key, unit, number, copy, f".copy{number}" if copy else ""))
+        tag = f".copy{number}" if copy else f".moved{a.id}" if moved_from is not None else ""
+        self._out.append(Dispatch(a.id, slot, v.key, unit, number, spare, tag))
         if unit.kind != Kind.PREPARE:
             v.copies.setdefault(uid, []).append(a.id)
             kind = EventKind.SHARD_SPECULATED if copy else EventKind.SHARD_DISPATCHED
-            self._emit(kind, video=v.key, shard=unit.shard, actor=slot, attempt=number)
+            more = {"moved_from": moved_from} if moved_from is not None else {}
+            self._emit(kind, video=v.key, shard=unit.shard, actor=slot, attempt=number, **more)
             for k in [k for k, h in self.hinted.items() if h == (v.key, uid)]:
                 del self.hinted[k]
             if not copy and self.config.prefetch:
@@ -355,13 +437,13 @@ class Scheduler:
         v.ready.discard(uid)
         self._out.append(Launch(a.id, v.key, a.unit))
 
-    def _cancel(self, attempt: int, now: float) -> None:
+    def _cancel(self, attempt: int, now: float, reason: str = "another copy finished first") -> None:
         a = self.attempts[attempt]
         a.abandoned = True
         self._out.append(Cancel(attempt, a.slot, a.video, a.unit.shard))
         more = {"frames_lost": self._frames_lost(a, now)} if (a.video, a.unit.id) in self.drain.moved else {}
-        self._emit(EventKind.SHARD_CANCELLED, video=a.video, shard=a.unit.shard, actor=a.slot,
-                   reason="another copy finished first", **more)
+        self._emit(EventKind.SHARD_CANCELLED, video=a.video, shard=a.unit.shard, actor=a.slot, reason=reason,
+                   **more)
 
     def _node_gone(self, node: str | None) -> bool:
         """Whether ``node`` was drained or is no longer alive (an actor's death there is the node's loss)."""

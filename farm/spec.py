@@ -177,6 +177,11 @@ class SchedulerSpec(_Strict):
         "replaces its actors elsewhere and copies its shards in flight that would not finish by the deadline; "
         "'ignore' loses the node's work when it goes.",
     )
+    shards_per_actor: int = Field(
+        2, ge=1, le=4, description="Shards an actor holds at once. With 2, the next shard decodes while the "
+        "current one renders and its model calls start as soon as the current one's last call ends, while that "
+        "one's encoders and uploads finish (the accelerator never waits between shards). 1: one at a time.",
+    )
     drain_min_deadline_s: float = Field(
         10.0, ge=0, description="Under this much notice a shard in flight on a draining node is copied at once, "
         "never left to finish in place.",

@@ -276,6 +276,7 @@ class ModelWorker:
         try:
             background, consumers = self._consumers(task)
             with Pipeline(reader, consumers, depth=1 if depth else 0) as pipe:
+                queued = time.perf_counter()
                 with self._model_lock:  # one shard's model calls at a time; its writers finish outside
                     wait, cpu0 = time.perf_counter(), time.thread_time()
                     rendered, handoff_state = self._model_calls(task, pipe, cond, state, previous, splits)
@@ -299,7 +300,8 @@ class ModelWorker:
             record["oom_splits"] = splits
         # Where the time goes: the model loop's wall and CPU seconds (waits on decoder and writers included),
         # and each pipeline thread's CPU seconds (none on the serial path, where the model loop does it all)
-        record["stages"] = {"model_loop_s": model_s, "model_loop_cpu_s": model_cpu_s, "decode_cpu_s": reader.cpu_s}
+        record["stages"] = {"model_loop_s": model_s, "model_loop_cpu_s": model_cpu_s, "decode_cpu_s": reader.cpu_s,
+                            "queued_s": wait - queued}  # behind another shard's model calls on this actor
         record["stages"].update({f"write_{k}_cpu_s": v for k, v in pipe.cpu_s.items()})
         record["seconds"] = time.perf_counter() - t0
         record["worker"] = {"host": socket.gethostname(), "pid": os.getpid(), "node": self.node}

@@ -197,8 +197,9 @@ run_job(parse_spec(open(path).read(), path), progress=progress)
 @pytest.mark.slow
 def test_killed_driver_resumes_without_redoing_finished_shards(clips, reference, tmp_path) -> None:
     """The driver process is SIGKILLed mid-job, then ``farm resume`` finishes it: the output equals the
-    fault-free run, no finished shard is rendered again, and the shards rendered twice are exactly those
-    that were in flight at the kill (at most one per actor). Finished shards come from the ledger's
+    fault-free run, no finished shard is rendered again, and the shards dispatched twice are exactly those
+    that were in flight at the kill (at most ``shards_per_actor`` = 2 per actor: one rendering, one queued).
+    Finished shards come from the ledger's
     records, what the resumed run rendered from the ledger's events.json."""
     actors = 2
     out = tmp_path / "out"
@@ -228,7 +229,7 @@ def test_killed_driver_resumes_without_redoing_finished_shards(clips, reference,
     first = [json.loads(line) for line in trace.read_text().splitlines() if line.strip()]
     started = {(e["video"], e["shard"]) for e in first if e["kind"] in ("shard_dispatched", "shard_speculated")}
     in_flight = started - finished  # dispatched by the killed driver and never recorded as done
-    assert finished <= started and 1 <= len(in_flight) <= actors, (finished, started)
+    assert finished <= started and 1 <= len(in_flight) <= 2 * actors, (finished, started)
 
     again = subprocess.run([sys.executable, "-m", "farm.cli", "resume", "--quiet", str(path)], cwd=tmp_path,
                            capture_output=True, text=True, timeout=300)
@@ -243,7 +244,7 @@ def test_killed_driver_resumes_without_redoing_finished_shards(clips, reference,
     assert sorted(dispatched) == sorted(key(p) for p in records if p not in done_before)  # each once
     assert not finished & set(dispatched)
     rendered_twice = started & set(dispatched)
-    assert rendered_twice == in_flight and len(rendered_twice) <= actors
+    assert rendered_twice == in_flight and len(rendered_twice) <= 2 * actors
     manifest = json.loads((ledger / "manifest.json").read_text())
     assert all(v["status"] == "succeeded" for v in manifest["videos"].values())
     got = {v["url"]: {ch: pngs(o["url"]) for ch, o in v["outputs"].items()} for v in manifest["videos"].values()}

@@ -486,6 +486,91 @@ def test_no_copies_in_handoff_chains_or_when_turned_off():
 # ---- no Ray ------------------------------------------------------------------------------------
 
 
+# ---- a second shard queued on a busy actor ------------------------------------------------------
+
+
+def test_busy_actor_gets_a_second_shard_queued_behind_its_first():
+    """With queue=2 an actor holds its current shard and the next one (which decodes while it waits and
+    starts its model calls when the first one's end); the queued one's running time counts from then."""
+    sim = Sim(actors=1, queue=2)
+    sim.add(frames=32)  # 4 shards
+    sim.prepare_all()
+    first, second = shards_of(sim.log)
+    assert (first.slot, second.slot) == (0, 0) and [first.unit.id, second.unit.id] == ["shard-0000", "shard-0001"]
+    assert sim.s.actors[0].queued == [second.attempt]
+    sim.now = 10.0
+    sim.done(first)
+    assert sim.s.attempts[second.attempt].started == 10.0  # it has the model now
+    (third,) = shards_of(sim.step())
+    assert third.unit.id == "shard-0002" and third.slot == 0 and sim.s.actors[0].queued == [third.attempt]
+    one = Sim(actors=1)  # queue=1: one shard at a time
+    one.add(frames=32)
+    one.prepare_all()
+    assert len(shards_of(one.log)) == 1
+    sim.run()
+    assert sim.s.finished and not sim.events(EventKind.VIDEO_FAILED)
+
+
+def test_idle_actor_takes_a_shard_queued_behind_another():
+    """No actor idles while another holds a shard it has not begun: the queued call is cancelled and the
+    idle actor renders it (first result wins, as a copy)."""
+    sim = Sim(actors=2, queue=2)
+    sim.add(frames=32)  # 4 shards: 0 and 2 on actor 0, 1 and 3 on actor 1
+    sim.prepare_all()
+    d = {c.unit.id: c for c in shards_of(sim.log)}
+    assert [d[f"shard-{k:04d}"].slot for k in range(4)] == [0, 1, 0, 1]
+    sim.done(d["shard-0001"])
+    sim.done(d["shard-0003"])  # actor 1 is idle; actor 0 still renders 0 with 2 queued behind it
+    cmds = sim.step()
+    (cancel,) = [c for c in cmds if isinstance(c, Cancel)]
+    (moved,) = shards_of(cmds)
+    assert cancel.attempt == d["shard-0002"].attempt and moved.unit.id == "shard-0002" and moved.slot == 1
+    assert sim.events(EventKind.SHARD_CANCELLED, shard=2)[0]["reason"] == "moved to an idle actor"
+    sim.done(moved)
+    sim.fail(d["shard-0002"], Failure("ShardCancelled: cancelled"))  # the queued call stops when it starts
+    sim.done(d["shard-0000"])
+    sim.run()
+    assert sim.s.finished and not sim.events(EventKind.VIDEO_FAILED) and not sim.events(EventKind.SHARD_FAILED)
+
+
+def test_actor_death_with_a_queued_shard_replaces_it_once_and_retries_both():
+    sim = Sim(actors=2, queue=2)
+    sim.add(frames=32)
+    sim.prepare_all()
+    d = {c.unit.id: c for c in shards_of(sim.log)}
+    sim.fail(d["shard-0000"], DIED)
+    sim.fail(d["shard-0002"], DIED)  # queued on the same actor: its death, not a second one
+    replaces = [c for c in sim.log if isinstance(c, Replace)]
+    assert [(r.slot, r.generation) for r in replaces] == [(0, 1)]
+    assert not shards_of(sim.step())  # actor 1 holds two already; slot 0's successor is loading
+    sim.s.on_actor_ready(0, {"node": None}, generation=1)
+    retried = shards_of(sim.step())
+    assert [(c.unit.id, c.slot) for c in retried] == [("shard-0000", 0), ("shard-0002", 0)]
+    sim.run()
+    assert sim.s.finished and not sim.events(EventKind.VIDEO_FAILED)
+
+
+def test_shard_queued_on_a_hung_actor_is_dispatched_again_without_spending_an_attempt():
+    sim = Sim(actors=2, queue=2, heartbeat_s=5.0)
+    sim.add(frames=32)
+    sim.prepare_all()
+    d = {c.unit.id: c for c in shards_of(sim.log)}
+    assert d["shard-0002"].slot == 0 and sim.s.actors[0].queued == [d["shard-0002"].attempt]
+    for _ in range(8):  # actor 1 answers its pings, actor 0 does not
+        sim.step(1.0)
+        sim.s.on_beat(1, 0, {"call_s": 0.0}, sim.now)
+    assert [c.slot for c in sim.log if isinstance(c, Kill)] == [0]
+    (note,) = sim.events(EventKind.SHARD_CANCELLED, shard=2)
+    assert note["reason"] == "its actor was stopped before the shard began"
+    assert sim.s.videos["v"].attempts["shard-0002"] == 0  # not a retry: it never ran
+    sim.fail(d["shard-0000"], DIED)  # the hung shard comes back dead: retried, avoiding actor 0
+    sim.fail(d["shard-0002"], DIED)  # the queued call comes back with the same death: nothing more
+    assert [e["shard"] for e in sim.events(EventKind.SHARD_FAILED)] == [0]
+    assert [(r.slot, r.generation) for r in sim.log if isinstance(r, Replace)] == [(0, 1)]
+    sim.run()
+    assert sim.s.finished and not sim.events(EventKind.VIDEO_FAILED)
+
+
 def test_runs_with_ray_unimportable():
     """This module again, in a process where ``import ray`` raises: the policy needs no Ray at all."""
     if os.environ.get("FARM_TEST_NO_RAY"):

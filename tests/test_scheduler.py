@@ -110,7 +110,10 @@ def test_failing_actor_is_blocklisted_and_the_job_finishes_on_the_others(ray_ses
     assert result.ok, result.manifest
     assert_same_frames(alpha(result), reference, events)
     (bl,) = of(events, "actor_blocklisted", actor=1)
-    assert bl["failures"] == 3 and len(of(events, "shard_failed", actor=1)) == 3
+    failed = of(events, "shard_failed", actor=1)
+    assert bl["failures"] == 3 and len([f for f in failed if "InjectedFault" in f["error"]]) == 3
+    # with shards_per_actor 2 a shard may have the model when the actor is killed: it died with it, and ran again
+    assert all("InjectedFault" in f["error"] or "ActorDiedError" in f["error"] for f in failed) and len(failed) <= 4
     after = events[events.index(bl) :]
     assert not of(after, "shard_dispatched", actor=1), "a blocklisted actor got another shard"
 
@@ -121,7 +124,9 @@ def test_job_fails_clearly_when_no_healthy_actor_remains(ray_session, clip, tmp_
     assert not result.ok
     (entry,) = result.manifest["videos"].values()
     assert "no healthy actor left" in entry["error"] and "blocklisted after 2 failed shards" in entry["error"]
-    assert len(of(events, "shard_failed")) == 2
+    failed = of(events, "shard_failed")
+    assert len([f for f in failed if "InjectedFault" in f["error"]]) == 2  # and the shard it held when killed
+    assert all("InjectedFault" in f["error"] or "ActorDiedError" in f["error"] for f in failed) and len(failed) <= 3
 
 
 def test_hung_actor_is_killed_and_replaced(ray_session, clip, reference, tmp_path):
@@ -175,7 +180,7 @@ def test_straggler_copy_wins(ray_session, clip, reference, tmp_path):
     key = {"video": copy["video"], "shard": copy["shard"]}
     (done,) = of(events, "shard_done", **key)
     assert done["actor"] == 1
-    (cancelled,) = of(events, "shard_cancelled", **key)
+    (cancelled,) = of(events, "shard_cancelled", reason="another copy finished first", **key)
     assert cancelled["actor"] == 0
 
 
@@ -199,7 +204,8 @@ def test_cancelled_copy_stops_before_the_actors_are_killed(ray_session, clip, tm
 def test_no_copies_when_speculation_is_off(ray_session, clip, reference, tmp_path):
     params = {"sleep_per_frame": 0.005, "slow_actor": 0, "slow_factor": 20}
     result, events, _ = run(job(clip, tmp_path, params=params, scheduler={"speculative": False}))
-    assert result.ok and not of(events, "shard_speculated") and not of(events, "shard_cancelled")
+    assert result.ok and not of(events, "shard_speculated")
+    assert not of(events, "shard_cancelled", reason="another copy finished first")
 
 
 def test_lost_frame_is_detected_and_retried(ray_session, clip, reference, tmp_path):
@@ -239,7 +245,8 @@ def test_failure_budget_stops_scheduling(ray_session, clip, tmp_path):
     second = tmp_path / "second.mp4"
     shutil.copy(clip, second)
     params = {"fail_on_actor": 0}
-    j = job([clip, str(second)], tmp_path, actors=1, params=params, retries=0, max_failed_shards=0)
+    j = job([clip, str(second)], tmp_path, actors=1, params=params, retries=0, max_failed_shards=0,
+            scheduler={"shards_per_actor": 1})  # one dispatch to count: none follows the failure
     result, events, _ = run(j)
     assert len(of(events, "shard_dispatched")) == 1  # without the budget, the other video's shards would run
     errors = sorted(v["error"] for v in result.manifest["videos"].values())

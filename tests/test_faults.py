@@ -199,8 +199,7 @@ def test_killed_driver_resumes_without_redoing_finished_shards(clips, reference,
     """The driver process is SIGKILLed mid-job, then ``farm resume`` finishes it: the output equals the
     fault-free run, no finished shard is rendered again, and the shards dispatched twice are exactly those
     that were in flight at the kill (at most ``shards_per_actor`` = 2 per actor: one rendering, one queued).
-    Finished shards come from the ledger's
-    records, what the resumed run rendered from the ledger's events.json."""
+    Finished shards come from the ledger's records, what the resumed run rendered from its events.json."""
     actors = 2
     out = tmp_path / "out"
     j = job(clips, str(out / "{stem}_{channel}"), params={"sleep_per_frame": 0.05}, frames=8, actors=actors)

@@ -31,6 +31,7 @@ from farm.report import RunCounts, write_report
 from farm.schedule import (
     ActorState,
     Cancel,
+    Checkpoint,
     Command,
     Config,
     Dispatch,
@@ -270,13 +271,16 @@ class JobRunner:
         elif unit.kind in (Kind.RENDER, Kind.REFINE):
             i = unit.shard
             assert i is not None
-            record = ShardRecord.from_dict(c.value)
             try:
-                check_plan(run, i, record)
-            except SinkError as e:
+                record = self.shard_record(run, i, ShardRecord.from_dict(c.value))
+            except (SinkError, ValueError) as e:
                 sched.on_failed(c.attempt, failure(e, self.so), now)
                 return
-            record.input = run.fingerprint
+            if record.stopped_at is not None:  # checkpointed on a draining node: continued from there
+                run.partials[i] = record
+                self.ledger.mark_shard_partial(run.key, i, record)
+                sched.on_checkpointed(c.attempt, record.stopped_at, now)
+                return
             run.add_record(i, record)
             if i in run.state_sources():
                 run.state_refs[i] = c.state  # the next shard of the chain takes it
@@ -296,6 +300,16 @@ class JobRunner:
         elif unit.kind == Kind.COMMIT:
             run.outputs[unit.channel] = c.value  # type: ignore[index]
         sched.on_done(c.attempt, now, seconds)
+
+    def shard_record(self, run: VideoRun, i: int, record: ShardRecord) -> ShardRecord:
+        """A shard attempt's record, joined to the partial record it continued, checked against the plan."""
+        if record.resumed_from is not None:
+            if i not in run.partials:
+                raise ValueError(f"shard {i}: continued from frame {record.resumed_from}, no partial record")
+            record = run.partials[i].join(record)
+        check_plan(run, i, record)
+        record.input = run.fingerprint
+        return record
 
     def apply(self, commands: list[Command]) -> None:
         """Carry out the scheduler's commands in order, through the pool."""
@@ -323,6 +337,8 @@ class JobRunner:
                 self.launch(cmd)
             elif isinstance(cmd, Cancel):
                 pool.cancel(cmd.attempt, {"video": cmd.video, "shard": cmd.shard, "actor": cmd.slot})
+            elif isinstance(cmd, Checkpoint):
+                pool.checkpoint(cmd.attempt)
             elif isinstance(cmd, Ping):
                 pool.ping(cmd.slot, cmd.generation)
             elif isinstance(cmd, Kill):

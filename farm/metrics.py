@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from farm.events import FAILURE_KINDS, Event, EventKind, EventLog
+from farm.events import FAILURE_KINDS, LOSS_KINDS, Event, EventKind, EventLog
 
 log = logging.getLogger("farm")
 
@@ -104,7 +104,7 @@ class JobMetrics:
             self.shards_failed.inc(1, t)
         elif kind == EventKind.NODE_DRAINING:
             self.nodes_draining.inc(1, t)
-        if kind in (EventKind.SHARD_FAILED, EventKind.SHARD_CANCELLED) and e.get("frames_lost"):
+        if kind in LOSS_KINDS and e.get("frames_lost"):
             self.frames_rerendered.inc(int(e["frames_lost"]), t)
         elif kind == EventKind.VIDEO_DONE:
             self.videos_done.inc(1, t)

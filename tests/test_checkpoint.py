@@ -1,0 +1,148 @@
+"""Checkpointing a shard, in process (no Ray): an actor asked to ``checkpoint`` stops at its next chunk boundary
+inside the core with a partial record (core frames so far, heads, the state there), and the attempt that continues
+from that frame writes the rest; the output and the state handed down the chain equal one uninterrupted render's,
+byte for byte (synthetic model with a running-count state, and RVM with tiny random weights)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+from media import write_video
+from test_pipeline import RVM_WEIGHTS, task_for
+
+from farm.grid import render_ranges
+from farm.ledger import Ledger, ShardRecord, core_pieces
+from farm.plan import plan_shards
+from farm.sinks import SinkError
+from farm.worker import ModelConfig, ModelWorker, ShardTask
+
+FRAMES = 40
+
+
+@pytest.fixture(scope="module")
+def clip(tmp_path_factory) -> str:
+    return write_video(tmp_path_factory.mktemp("ckpt") / "clip.mp4", FRAMES, (64, 48))
+
+
+def pngs(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def worker_for(model: str) -> ModelWorker:
+    if model == "rvm":
+        if not RVM_WEIGHTS.exists():
+            pytest.skip("../shared reference weights are absent")
+        return ModelWorker(ModelConfig("rvm", {"downsample_ratio": 0.5}, str(RVM_WEIGHTS)))
+    return ModelWorker(ModelConfig("synthetic"))
+
+
+def chain(worker: ModelWorker, clip: str, out: Path, checkpoint: int | None = None) -> tuple[list, list]:
+    """A handoff chain of two 20-frame shards in chunks of 8; shard ``checkpoint`` is asked to checkpoint before it
+    starts (so it stops at its first boundary inside the core) and is continued from there. The records (shard
+    ``checkpoint``'s joined) and the states handed on."""
+    shards = plan_shards("clip", FRAMES, 20)
+    state, records, states = None, [], []
+    for i, s in enumerate(shards):
+        task = task_for(clip, out, s, chunk=8, handoff_at=shards[i + 1].start if i + 1 < len(shards) else None)
+        if i == checkpoint:
+            worker.checkpoint(task.name + task.tag)
+            partial, none = worker.render_shard(task, None, state)
+            partial = ShardRecord.from_dict(partial)
+            assert none is None and partial.stopped_at == s.start + 8 and partial.state_url
+            assert [p["frames"] for p in core_pieces(partial.channels["alpha"])] == [8]
+            resumed = replace(task, resume_from=partial.stopped_at, state_url=partial.state_url)
+            rest, state = worker.render_shard(resumed, None, None)
+            record = partial.join(ShardRecord.from_dict(rest))
+            assert record.stopped_at is None and record.rendered_frames == s.frames  # nothing rendered twice
+        else:
+            rest, state = worker.render_shard(task, None, state)
+            record = ShardRecord.from_dict(rest)
+        records.append(record)
+        states.append(state)
+    return records, states
+
+
+@pytest.mark.parametrize("model", ["synthetic", "rvm"])
+def test_checkpoint_then_continuation_equals_one_render(model, clip, tmp_path):
+    worker = worker_for(model)
+    ref_records, ref_states = chain(worker, clip, tmp_path / "ref")
+    for checkpoint in (0, 1):
+        out = tmp_path / f"ckpt{checkpoint}"
+        records, states = chain(worker, clip, out, checkpoint)
+        assert pngs(out) == pngs(tmp_path / "ref") and len(pngs(out)) == 2 * FRAMES  # alpha and fgr
+        joined = records[checkpoint].channels["fgr"]
+        assert [(p["start"], p["frames"]) for p in joined["cores"]] == [(20 * checkpoint, 8), (20 * checkpoint + 8, 12)]
+        assert len({p["name"] for p in joined["cores"]}) == 2  # the continuation never overwrites the first piece
+        a, b = states[0], ref_states[0]  # the state handed down the chain is the uninterrupted render's
+        assert a.keys() == b.keys() and all(np.array_equal(np.asarray(a[k]), np.asarray(b[k])) for k in a)
+    if model == "synthetic":
+        assert int(states[0]["frames"][0]) == 20  # the running count went through the checkpoint's saved state
+
+
+def test_a_request_before_the_core_stops_at_the_first_boundary_inside_it(clip, tmp_path):
+    """With a preroll the request arrives before the core: the shard stops at the first boundary past
+    ``core_start``; the continuation needs no preroll and renders the same frames as one uninterrupted run."""
+    worker = worker_for("synthetic")
+    s = plan_shards("clip", FRAMES, 20, preroll=6)[1]  # renders [14, 40): preroll 14..20, grid 14, 20, 22, 30, 38
+    assert render_ranges(s.start - s.preroll, s, None, 8) == [(14, 20), (20, 22), (22, 30), (30, 38), (38, 40)]
+    ref = worker.render_shard(task_for(clip, tmp_path / "ref", s, chunk=8), None, None)[0]
+    task = task_for(clip, tmp_path / "out", s, chunk=8)
+    worker.checkpoint(task.name)
+    partial = ShardRecord.from_dict(worker.render_shard(task, None, None)[0])
+    assert partial.stopped_at == 22 and partial.rendered_frames == 8
+    rest = worker.render_shard(replace(task, resume_from=22, state_url=partial.state_url), None, None)[0]
+    assert rest["rendered_frames"] == 18 and rest["resumed_from"] == 22
+    assert render_ranges(14, s, None, 8, resume_from=22) == [(22, 30), (30, 38), (38, 40)]
+    assert pngs(tmp_path / "out") == pngs(tmp_path / "ref")
+    joined = partial.join(ShardRecord.from_dict(rest))
+    assert joined.rendered_frames == ref["rendered_frames"] == 26
+
+
+def test_a_request_past_the_core_lets_the_shard_finish(clip, tmp_path):
+    """One chunk covers the whole core: there is no boundary inside it, so the shard finishes as usual."""
+    worker = worker_for("synthetic")
+    (s,) = plan_shards("clip", FRAMES, 64)
+    task = task_for(clip, tmp_path, s, chunk=None)
+    worker.checkpoint(task.name)
+    record, _ = worker.render_shard(task, None, None)
+    assert record["stopped_at"] is None and record["rendered_frames"] == FRAMES
+    assert not worker.checkpoints  # the request does not outlive the attempt
+
+
+def test_resume_only_on_the_chunk_grid_and_records_join_only_in_order(clip, tmp_path):
+    worker = worker_for("synthetic")
+    s = plan_shards("clip", FRAMES, 20)[0]
+    with pytest.raises(ValueError, match="not a chunk boundary"):
+        worker.render_shard(task_for(clip, tmp_path, s, chunk=8, resume_from=5), None, None)
+    first = ShardRecord(shard=s.to_dict(), channels={}, stopped_at=8)
+    with pytest.raises(ValueError, match="does not follow"):
+        first.join(ShardRecord(shard=s.to_dict(), channels={}, resumed_from=16))
+
+
+def test_a_partial_record_is_not_a_done_marker(tmp_path):
+    ledger = Ledger(str(tmp_path / "ledger"))
+    piece = {"name": "core-0001", "start": 20, "frames": 8}
+    ledger.mark_shard_partial("clip", 1, ShardRecord(shard={"index": 1}, channels={"alpha": {"core": piece}},
+                                                     stopped_at=28, state_url="s.npz"))
+    assert ledger.done_shards("clip") == {}
+    (partial,) = ledger.partial_records("clip").values()
+    assert partial.stopped_at == 28 and core_pieces(partial.channels["alpha"]) == [piece]
+
+
+def test_writers_check_the_partial_span(clip, tmp_path):
+    """A partial piece is checked against the frames up to the checkpoint, not waved through: a writer told it
+    stopped at a frame its piece does not reach fails the shard."""
+    from farm.sinks import make_sink
+    from farm.writers import ChannelWriter
+
+    s = plan_shards("clip", FRAMES, 20)[0]
+    task: ShardTask = task_for(clip, tmp_path, s, chunk=8)
+    writer = ChannelWriter("alpha", make_sink(task.targets["alpha"]), task, None, worker_for("synthetic").writing, 1)
+    frames = np.zeros((8, 48, 64, 3), np.uint8)
+    writer.write((0, 8, {"alpha": frames[..., :1].astype(np.float32), "fgr": frames.astype(np.float32)}))
+    writer.stopped_at = 16
+    with pytest.raises(SinkError, match="segment has 8 frames, the plan says 16"):
+        writer.finish()

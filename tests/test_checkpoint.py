@@ -146,3 +146,54 @@ def test_writers_check_the_partial_span(clip, tmp_path):
     writer.stopped_at = 16
     with pytest.raises(SinkError, match="segment has 8 frames, the plan says 16"):
         writer.finish()
+
+
+def test_a_killed_job_resumes_a_checkpointed_shard_from_its_frame(ray_session, clip, tmp_path):
+    """A job was killed after shard 1 of its chain checkpointed at frame 36 (its partial record and state in the
+    ledger, written here by the actor's own code in process): run again, it renders nothing but shard 1 from
+    frame 36 with the saved state, and the output equals a fault-free run's."""
+    import yaml
+
+    from farm import intake
+    from farm.driver import JobRunner, run_job
+    from farm.manifest_inputs import input_fingerprint
+    from farm.spec import parse_spec
+    from farm.video_run import shard_task
+
+    def spec(out: Path):
+        return parse_spec(yaml.safe_dump({
+            "name": "ckpt", "inputs": [clip], "model": {"name": "synthetic"},
+            "window": {"frames": 20, "state": "handoff"},
+            "output": {"uri": str(out / "{stem}_{channel}"), "format": "png", "channels": ["alpha"]},
+            "resources": {"actors": 1}}), "ckpt.yaml")
+
+    reference = run_job(spec(tmp_path / "ref"))
+    assert reference.ok, reference.manifest
+
+    killed = JobRunner(spec(tmp_path / "out"))  # what the killed run had done: its plan, shard 1 checkpointed
+    runs, _ = intake.open_inputs(killed.spec, killed.ledger, killed.fail_video, killed.event)
+    intake.probe_all(killed.spec, list(runs.values()), killed.fail_video)
+    intake.build_graphs(killed.spec, list(runs.values()), killed.model_cls, killed.ledger, killed.fail_video)
+    (run,) = runs.values()
+    worker, fingerprint = worker_for("synthetic"), input_fingerprint(clip)
+    first, state = worker.render_shard(shard_task(killed.spec, run, run.unit("shard-0000"), killed.model_cls,
+                                                  "handoff", killed.ledger)[0], None, None)
+    killed.ledger.mark_shard_done(run.key, 0, {**first, "input": fingerprint})
+    run.state_refs[0] = state  # shard 1 gets shard 0's state in memory, as an ObjectRef in a job
+    task, _ = shard_task(killed.spec, run, run.unit("shard-0001"), killed.model_cls, "handoff", killed.ledger)
+    worker.checkpoint(task.name)
+    partial = ShardRecord.from_dict(worker.render_shard(task, None, state)[0])
+    partial.input = fingerprint
+    assert partial.stopped_at == 36  # the synthetic model's chunks of 16 from frame 20: the first boundary
+    killed.ledger.mark_shard_partial(run.key, 1, partial)
+
+    resumed = run_job(spec(tmp_path / "out"))
+    assert resumed.ok, resumed.manifest
+    assert pngs(tmp_path / "out") == pngs(tmp_path / "ref") and len(pngs(tmp_path / "out")) == FRAMES
+    done = killed.ledger.shard_records(run.key)
+    assert done[1].rendered_frames == 20 and not partial.resumed_from  # 16 before the kill, 4 after it
+    assert [p["start"] for p in done[1].channels["alpha"]["cores"]] == [20, 36]
+    (event,) = [e for e in killed.ledger.read_events() if e["event"] == "resumed"]
+    assert event["shards_done"] == [0] and event["shards_partial"] == {"1": 36}
+    (dispatched,) = [e for e in killed.ledger.read_events() if e["event"] == "shard_dispatched"]
+    assert dispatched["shard"] == 1

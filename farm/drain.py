@@ -10,8 +10,12 @@ deadline)``. With ``scheduler.preemption: drain`` (the default) farm then:
 - lets a stateless shard in flight there finish in place when the deadline leaves time for it (from
   the measured seconds per frame, with a margin, and never under ``drain_min_deadline_s``), and
   otherwise copies it to a healthy actor at once: the first result wins (the speculation machinery);
-- leaves a handoff chain's shard in flight there to finish or to be rendered again from the state it
-  started from, as on any node loss (its output depends on the state it was given).
+- asks a handoff chain's shard in flight there (never copied: its output depends on the state it was
+  given) that would not finish by the deadline to checkpoint, once (``Checkpoint``): the actor stops at
+  its next chunk boundary k inside the shard's core and returns a partial record (frames up to k, the
+  state at k, in the ledger); ``Scheduler.on_checkpointed`` makes the shard ready again, and it continues
+  from k on a healthy actor (no retry spent, nothing rendered twice: ``shard_checkpointed``). If the node
+  goes first, the attempt is lost as on any node loss and redone from the state it started from.
 
 With ``preemption: ignore`` the notice is only logged: the node's work is lost when it goes.
 Pure: no Ray, no clock of its own (``now`` and the deadline are on the scheduler's clock).

@@ -11,7 +11,8 @@ slots (states, pings, successors, blocklisting) in ``farm.fleet``; the commands 
 A later rule is a policy addition, not a rewrite. Draining a node before preemption, for one
 (``farm.drain``): ``on_node_draining(node, deadline)`` marks the node in the fleet (``Replace`` keeps
 successors off it, ``Fleet.idle`` leaves out its actors, so ``_fill`` dispatches nothing there), and
-its in-flight stateless shards that would not finish by the deadline are copied (first result wins).
+its in-flight stateless shards that would not finish by the deadline are copied (first result wins), and
+a handoff chain's shard is checkpointed (``Checkpoint``, then ``on_checkpointed``: it continues elsewhere).
 """
 
 from __future__ import annotations

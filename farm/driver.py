@@ -47,7 +47,7 @@ from farm.schedule import (
 )
 from farm.sinks import SinkError
 from farm.spec import JobSpec, absolute_local_paths
-from farm.video_run import VideoRun, check_plan, handoff_at, output_url, shard_task, video_context
+from farm.video_run import VideoRun, handoff_at, output_url, shard_record, shard_task, video_context
 from farm.worker import ModelConfig
 
 log = logging.getLogger("farm")
@@ -272,7 +272,7 @@ class JobRunner:
             i = unit.shard
             assert i is not None
             try:
-                record = self.shard_record(run, i, ShardRecord.from_dict(c.value))
+                record = shard_record(run, i, ShardRecord.from_dict(c.value))
             except (SinkError, ValueError) as e:
                 sched.on_failed(c.attempt, failure(e, self.so), now)
                 return
@@ -300,16 +300,6 @@ class JobRunner:
         elif unit.kind == Kind.COMMIT:
             run.outputs[unit.channel] = c.value  # type: ignore[index]
         sched.on_done(c.attempt, now, seconds)
-
-    def shard_record(self, run: VideoRun, i: int, record: ShardRecord) -> ShardRecord:
-        """A shard attempt's record, joined to the partial record it continued, checked against the plan."""
-        if record.resumed_from is not None:
-            if i not in run.partials:
-                raise ValueError(f"shard {i}: continued from frame {record.resumed_from}, no partial record")
-            record = run.partials[i].join(record)
-        check_plan(run, i, record)
-        record.input = run.fingerprint
-        return record
 
     def apply(self, commands: list[Command]) -> None:
         """Carry out the scheduler's commands in order, through the pool."""

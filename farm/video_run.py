@@ -191,3 +191,15 @@ def check_plan(run: VideoRun, i: int, record: ShardRecord) -> None:
                 f"{run.input.url}: shard {i} {ch} segment has {at - s.core_start} frames, "
                 f"the plan says {stop - s.core_start}"
             )
+
+
+def shard_record(run: VideoRun, i: int, record: ShardRecord) -> ShardRecord:
+    """A shard attempt's record, joined to the partial record it continued (a checkpoint), checked against the
+    plan, stamped with the input it was rendered from."""
+    if record.resumed_from is not None:
+        if i not in run.partials:
+            raise ValueError(f"shard {i}: continued from frame {record.resumed_from}, no partial record")
+        record = run.partials[i].join(record)
+    check_plan(run, i, record)
+    record.input = run.fingerprint
+    return record

@@ -197,3 +197,22 @@ def test_a_killed_job_resumes_a_checkpointed_shard_from_its_frame(ray_session, c
     assert event["shards_done"] == [0] and event["shards_partial"] == {"1": 36}
     (dispatched,) = [e for e in killed.ledger.read_events() if e["event"] == "shard_dispatched"]
     assert dispatched["shard"] == 1
+
+
+def test_mp4_pieces_of_a_checkpointed_shard_join_by_remux(clip, tmp_path):
+    """mp4: the partial piece and the continuation's are segments of their own, joined by the commit's remux
+    concat into one file of every frame (the frame-accurate decode of each is checked where it is written)."""
+    from farm.assemble import commit_output
+    from farm.video import decoded_frame_count
+
+    worker = worker_for("synthetic")
+    (s,) = plan_shards("clip", FRAMES, 64)
+    task = task_for(clip, tmp_path, s, fmt="mp4", channels=("alpha",), chunk=8)
+    worker.checkpoint(task.name)
+    partial = ShardRecord.from_dict(worker.render_shard(task, None, None)[0])
+    rest = worker.render_shard(replace(task, resume_from=partial.stopped_at), None, None)[0]
+    pieces = core_pieces(partial.join(ShardRecord.from_dict(rest)).channels["alpha"])
+    assert [(p["start"], p["frames"]) for p in pieces] == [(0, 8), (8, 32)]
+    assert pieces[0]["url"] != pieces[1]["url"]
+    out = commit_output(task.targets["alpha"], pieces)
+    assert out["frames"] == FRAMES == decoded_frame_count(out["url"])

@@ -161,8 +161,12 @@ def test_a_short_notice_moves_the_shard_in_flight(cluster, clip, tmp_path):
     (moved,) = of(runner.events, "shard_moved")
     assert moved["node"] == lost["node"] and moved["shard"] == lost["shard"]
     assert len(of(runner.events, "shard_done", shard=lost["shard"])) == 1
-    (failed,) = of(runner.events, "shard_failed", shard=lost["shard"])  # the original, lost with its node
-    assert failed["node_lost"] and failed["copy"]
+    # The original: lost with its node, or cancelled when its copy won before the node's death was seen (a race
+    # between the copy's last chunk and Ray's health check; either way it is not rendered a third time).
+    failed = of(runner.events, "shard_failed", shard=lost["shard"])
+    cancelled = of(runner.events, "shard_cancelled", shard=lost["shard"])
+    assert len(failed) + len(cancelled) == 1, (failed, cancelled)
+    assert all(f["node_lost"] and f["copy"] for f in failed) and all(c["actor"] == 0 for c in cancelled)
 
 
 # ---- a handoff chain: the shard in flight on the node is checkpointed and continued elsewhere ----------------

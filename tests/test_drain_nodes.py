@@ -1,7 +1,8 @@
 """A spot node preempted mid-job, on a real several-node Ray: the node is drained through the GCS call the
 autoscaler makes on a preemption notice (``DrainNode``, reason ``PREEMPTION``, with a deadline), then
 removed (SIGKILL) once the deadline has passed. The output equals a fault-free run's, frame for frame;
-with ``scheduler.preemption: drain`` the notice costs fewer frames rendered twice than with ``ignore``.
+with ``scheduler.preemption: drain`` the notice costs fewer frames rendered twice than with ``ignore``. A handoff
+chain's shard on the node is checkpointed at a chunk boundary and continued on another node from there.
 
 Every node binds to 127.0.0.1. This module connects to its own cluster (fixture ``own_ray``).
 """

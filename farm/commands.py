@@ -56,6 +56,17 @@ class Cancel:
 
 
 @dataclass(frozen=True)
+class Checkpoint:
+    """Ask ``attempt`` (a handoff chain's shard on a draining node) to stop at its next chunk boundary inside
+    its core and save its state there; it then returns a partial record (``Scheduler.on_checkpointed``)."""
+
+    attempt: int
+    slot: int
+    video: str
+    shard: int
+
+
+@dataclass(frozen=True)
 class Ping:
     slot: int
     generation: int
@@ -92,7 +103,7 @@ class Emit:
     data: dict[str, Any]
 
 
-Command = Dispatch | Launch | Prefetch | Cancel | Ping | Kill | Replace | FailVideo | FinishVideo | Emit
+Command = Dispatch | Launch | Prefetch | Cancel | Checkpoint | Ping | Kill | Replace | FailVideo | FinishVideo | Emit
 
 
 @dataclass(frozen=True)

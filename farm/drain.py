@@ -10,8 +10,12 @@ deadline)``. With ``scheduler.preemption: drain`` (the default) farm then:
 - lets a stateless shard in flight there finish in place when the deadline leaves time for it (from
   the measured seconds per frame, with a margin, and never under ``drain_min_deadline_s``), and
   otherwise copies it to a healthy actor at once: the first result wins (the speculation machinery);
-- leaves a handoff chain's shard in flight there to finish or to be rendered again from the state it
-  started from, as on any node loss (its output depends on the state it was given).
+- asks a handoff chain's shard in flight there (never copied: its output depends on the state it was
+  given) that would not finish by the deadline to checkpoint, once (``Checkpoint``): the actor stops at
+  its next chunk boundary k inside the shard's core and returns a partial record (frames up to k, the
+  state at k, in the ledger); ``Scheduler.on_checkpointed`` makes the shard ready again, and it continues
+  from k on a healthy actor (no retry spent, nothing rendered twice: ``shard_checkpointed``). If the node
+  goes first, the attempt is lost as on any node loss and redone from the state it started from.
 
 With ``preemption: ignore`` the notice is only logged: the node's work is lost when it goes.
 Pure: no Ray, no clock of its own (``now`` and the deadline are on the scheduler's clock).
@@ -24,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm.commands import Checkpoint
 from farm.events import EventKind
 from farm.fleet import ActorState
 from farm.graph import Kind
@@ -43,6 +48,7 @@ class Drain:
     drained: list[str] = field(default_factory=list)  # every node that got a notice, in order (the report)
     moved: set[tuple[str, str]] = field(default_factory=set)  # (video, unit) copied off a draining node
     gone: set[str] = field(default_factory=set)  # drained nodes that have gone
+    checkpointing: set[int] = field(default_factory=set)  # attempts asked to checkpoint (asked once)
 
     # ---- what the pool reports ---------------------------------------------------------------
 
@@ -75,6 +81,7 @@ class Drain:
                 s.fleet.kill(a.slot)
                 s.fleet.replace(a.slot)
         if self.handoff:
+            self._checkpoint(s, now)
             return
         for attempt in sorted(s.attempts.values(), key=lambda a: a.started):
             if self._must_move(s, attempt, now):
@@ -82,13 +89,20 @@ class Drain:
                     return  # no healthy idle actor now: the next decide tries again
 
     def _must_move(self, s: Scheduler, a: Attempt, now: float) -> bool:
-        if a.slot is None or a.abandoned or a.unit.kind not in (Kind.RENDER, Kind.REFINE):
+        if not self._at_risk(s, a, now, (Kind.RENDER, Kind.REFINE)):
+            return False
+        v = s.videos[a.video]
+        return (v.key, a.unit.id) not in self.moved and len(v.copies.get(a.unit.id, [])) == 1
+
+    def _at_risk(self, s: Scheduler, a: Attempt, now: float, kinds: tuple[Kind, ...]) -> bool:
+        """Whether ``a`` runs on a draining node and is not expected to finish there before the deadline."""
+        if a.slot is None or a.abandoned or a.unit.kind not in kinds:
             return False
         node = s.fleet.actors[a.slot].node
         if node not in s.fleet.draining:
             return False
         v = s.videos[a.video]
-        if not v.running or (v.key, a.unit.id) in self.moved or len(v.copies.get(a.unit.id, [])) != 1:
+        if not v.running:
             return False
         return not self.finishes_in_place(now, self.nodes[node], now - a.started, v.frames(a.unit),
                                           s.speculation.rate())
@@ -115,6 +129,25 @@ class Drain:
         s._emit(EventKind.SHARD_MOVED, video=v.key, shard=a.unit.shard, node=node, actor=a.slot, to=free[0])
         s._dispatch(free[0], v, a.unit.id, now, copy=True)
         return True
+
+    def _checkpoint(self, s: Scheduler, now: float) -> None:
+        """A handoff chain's shard on a draining node that would not finish by the deadline is asked, once,
+        to stop at its next chunk boundary and save its state (``Checkpoint``); the chain goes on elsewhere."""
+        for a in sorted(s.attempts.values(), key=lambda a: a.started):
+            if a.id not in self.checkpointing and self._at_risk(s, a, now, (Kind.RENDER,)):
+                self.checkpointing.add(a.id)
+                s._out.append(Checkpoint(a.id, a.slot, a.video, a.unit.shard))
+
+    def checkpointed(self, s: Scheduler, a: Attempt, node: str | None, at: int, frames_lost: int) -> None:
+        """A checkpointed attempt came back with its partial record: the shard is ready again, to continue
+        from frame ``at``. A checkpoint is not a failure: it spends none of the shard's retries."""
+        v, uid = s.videos[a.video], a.unit.id
+        self.checkpointing.discard(a.id)
+        v.attempts[uid] = max(v.attempts.get(uid, 1) - 1, 0)
+        s._emit(EventKind.SHARD_CHECKPOINTED, video=v.key, shard=a.unit.shard, actor=a.slot, node=node, at=at,
+                frames_lost=frames_lost)
+        if v.running:
+            v.make_ready(uid)
 
     # ---- accounting --------------------------------------------------------------------------
 

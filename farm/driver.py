@@ -31,6 +31,7 @@ from farm.report import RunCounts, write_report
 from farm.schedule import (
     ActorState,
     Cancel,
+    Checkpoint,
     Command,
     Config,
     Dispatch,
@@ -46,7 +47,7 @@ from farm.schedule import (
 )
 from farm.sinks import SinkError
 from farm.spec import JobSpec, absolute_local_paths
-from farm.video_run import VideoRun, check_plan, handoff_at, output_url, shard_task, video_context
+from farm.video_run import VideoRun, handoff_at, output_url, shard_record, shard_task, video_context
 from farm.worker import ModelConfig
 
 log = logging.getLogger("farm")
@@ -271,13 +272,16 @@ class JobRunner:
         elif unit.kind in (Kind.RENDER, Kind.REFINE):
             i = unit.shard
             assert i is not None
-            record = ShardRecord.from_dict(c.value)
             try:
-                check_plan(run, i, record)
-            except SinkError as e:
+                record = shard_record(run, i, ShardRecord.from_dict(c.value))
+            except (SinkError, ValueError) as e:
                 sched.on_failed(c.attempt, failure(e, self.so), now)
                 return
-            record.input = run.fingerprint
+            if record.stopped_at is not None:  # checkpointed on a draining node: continued from there
+                run.partials[i] = record
+                self.ledger.mark_shard_partial(run.key, i, record)
+                sched.on_checkpointed(c.attempt, record.stopped_at, now)
+                return
             run.add_record(i, record)
             if i in run.state_sources():
                 run.state_refs[i] = c.state  # the next shard of the chain takes it
@@ -324,6 +328,8 @@ class JobRunner:
                 self.launch(cmd)
             elif isinstance(cmd, Cancel):
                 pool.cancel(cmd.attempt, {"video": cmd.video, "shard": cmd.shard, "actor": cmd.slot})
+            elif isinstance(cmd, Checkpoint):
+                pool.checkpoint(cmd.attempt)
             elif isinstance(cmd, Ping):
                 pool.ping(cmd.slot, cmd.generation)
             elif isinstance(cmd, Kill):

@@ -31,6 +31,7 @@ class EventKind(str, Enum):
     NODE_BLOCKLISTED = "node_blocklisted"
     NODE_DRAINING = "node_draining"  # a node is to be taken (preemption notice): farm.drain
     SHARD_MOVED = "shard_moved"  # a shard in flight on a draining node got a copy on a healthy actor
+    SHARD_CHECKPOINTED = "shard_checkpointed"  # a chain's shard on a draining node stopped at frame k, saved its state
     SHARD_DISPATCHED = "shard_dispatched"
     SHARD_SPECULATED = "shard_speculated"
     SHARD_FAILED = "shard_failed"
@@ -43,6 +44,8 @@ class EventKind(str, Enum):
 
 
 NOT_LOGGED = (EventKind.START, EventKind.FINISH)  # they frame the run; the log holds what happened in it
+# events whose ``frames_lost`` are frames rendered again because a node was lost or drained
+LOSS_KINDS = (EventKind.SHARD_FAILED, EventKind.SHARD_CANCELLED, EventKind.SHARD_CHECKPOINTED)
 FAILURE_KINDS = (EventKind.SHARD_FAILED, EventKind.VIDEO_FAILED, EventKind.INPUT_ERROR, EventKind.ACTOR_RETIRED)
 
 

@@ -128,5 +128,11 @@ def load_done_records(spec: JobSpec, runs: list[VideoRun], ledger: Ledger, force
         for i, rec in sorted(records.items()):
             if i < len(run.shards) and rec.shard == run.shards[i].to_dict() and rec.input == run.fingerprint:
                 run.add_record(i, rec)
-        if run.records:
-            event(EventKind.RESUMED, video=run.key, shards_done=sorted(run.records))
+        partials = {} if force else ledger.partial_records(run.key)  # checkpointed shards: continued from k
+        for i, rec in sorted(partials.items()):
+            if i not in run.records and i < len(run.shards) and rec.shard == run.shards[i].to_dict() \
+                    and rec.input == run.fingerprint:
+                run.partials[i] = rec
+        if run.records or run.partials:
+            more = {"shards_partial": {i: p.stopped_at for i, p in run.partials.items()}} if run.partials else {}
+            event(EventKind.RESUMED, video=run.key, shards_done=sorted(run.records), **more)

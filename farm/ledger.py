@@ -5,6 +5,7 @@ ask it for them::
 
     spec.json, plan.json             what was asked and how it was split
     shards/<video>/shard-0003.json   one done-marker per finished shard (a ShardRecord)
+    shards/<video>/shard-0003.partial.json   a checkpointed shard's frames so far and its state (not done)
     state/<video>/shard-0003.npz     recurrent state handed to the next shard, so a resumed chain continues
     pass1/<video>/shard-0003.npz     a two-pass model's pass-1 output of a shard, read by pass 2
     parts/<video>/<channel>/...      segments and overlap pieces before assembly
@@ -21,7 +22,7 @@ from __future__ import annotations
 import io
 import json
 import re
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any
 
 import numpy as np
@@ -31,6 +32,7 @@ from farm import storage
 LEDGER_DIR = ".farm"
 EVENTS = "events.json"
 _SHARD_FILE = re.compile(r"^shard-(\d+)\.json$")
+_PARTIAL_FILE = re.compile(r"^shard-(\d+)\.partial\.json$")
 
 
 def ledger_root(spec: Any) -> str:
@@ -40,10 +42,15 @@ def ledger_root(spec: Any) -> str:
 
 @dataclass
 class ShardRecord:
-    """What a finished shard left behind: its segments and overlap frames per channel, and its state."""
+    """What a finished shard left behind: its segments and overlap frames per channel, and its state.
+
+    A checkpointed shard (``farm.drain``) leaves a *partial* record: ``stopped_at`` is the frame k its core
+    pieces reach and ``state_url`` the state at k; the attempt that continues from k (``resumed_from``) adds
+    its own piece, and ``join`` makes the shard's record of both (``"cores"``: the pieces in order)."""
 
     shard: dict[str, Any]  # the plan's Shard, as a dict: a record of another plan is not reused
-    channels: dict[str, dict[str, Any]]  # channel -> {"core": piece, "head": npz URL, "tail": npz URL}
+    # channel -> {"core": piece, "head": npz URL, "tail": npz URL}; {"cores": [pieces], ...} when joined
+    channels: dict[str, dict[str, Any]]
     seconds: float = 0.0
     rendered_frames: int = 0
     worker: dict[str, Any] = field(default_factory=dict)  # host, pid, node
@@ -52,6 +59,8 @@ class ShardRecord:
     oom_splits: list[int] | None = None  # batch sizes that ran out of memory and were halved
     input: str | None = None  # the input's fingerprint when rendered: a changed input is rendered again
     stages: dict[str, float | None] | None = None  # where the shard's time went (the actor's pipeline stages)
+    stopped_at: int | None = None  # partial: the core is rendered up to this frame (a checkpoint), state_url at it
+    resumed_from: int | None = None  # this attempt continued a partial record from this frame
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> ShardRecord:
@@ -59,6 +68,31 @@ class ShardRecord:
 
     def to_dict(self) -> dict[str, Any]:
         return {k: v for k, v in asdict(self).items() if v is not None}
+
+    def join(self, rest: ShardRecord) -> ShardRecord:
+        """This partial record followed by ``rest``, the attempt that continued it from ``stopped_at``: the
+        core pieces of both in order, this one's heads, ``rest``'s tail and state (or its own checkpoint)."""
+        if self.stopped_at is None or rest.resumed_from != self.stopped_at:
+            raise ValueError(f"shard {self.shard.get('index')}: a continuation from {rest.resumed_from} does not "
+                             f"follow a partial record stopped at {self.stopped_at}")
+        channels = {}
+        for ch, entry in self.channels.items():
+            later = rest.channels.get(ch, {})
+            joined = {k: v for k, v in entry.items() if k not in ("core", "cores", "tail")}
+            joined.update({k: v for k, v in later.items() if k not in ("core", "cores", "head")})
+            joined["cores"] = core_pieces(entry) + core_pieces(later)
+            channels[ch] = joined
+        stages = dict(rest.stages or {})
+        return replace(rest, channels=channels, seconds=self.seconds + rest.seconds, resumed_from=self.resumed_from,
+                       rendered_frames=self.rendered_frames + rest.rendered_frames, stages=stages or None,
+                       oom_splits=(self.oom_splits or []) + (rest.oom_splits or []) or None)
+
+
+def core_pieces(entry: dict[str, Any]) -> list[dict[str, Any]]:
+    """The core pieces of one channel of a shard record, in frame order (one, unless it was checkpointed)."""
+    if "cores" in entry:
+        return list(entry["cores"])
+    return [entry["core"]] if "core" in entry else []
 
 
 @dataclass
@@ -155,13 +189,24 @@ class Ledger:
         data = json.dumps(doc, indent=1, sort_keys=True, allow_nan=False).encode()
         return storage.write_bytes_atomic(url, data, self.storage_options)
 
-    def done_shards(self, video_key: str) -> dict[int, dict[str, Any]]:
+    def mark_shard_partial(self, video_key: str, index: int, record: ShardRecord) -> str:
+        """Atomically record a checkpointed shard's frames so far and its state (``record.stopped_at``): not a
+        done-marker, so a resumed job continues the shard from there."""
+        url = storage.join(self._video_dir("shards", video_key), f"{self._shard_name(index)}.partial.json")
+        data = json.dumps(record.to_dict(), indent=1, sort_keys=True, allow_nan=False).encode()
+        return storage.write_bytes_atomic(url, data, self.storage_options)
+
+    def partial_records(self, video_key: str) -> dict[int, ShardRecord]:
+        """``{index: record}`` of the checkpointed (partial) shards of ``video_key``."""
+        return {i: ShardRecord.from_dict(d) for i, d in self.done_shards(video_key, _PARTIAL_FILE).items()}
+
+    def done_shards(self, video_key: str, pattern: re.Pattern[str] = _SHARD_FILE) -> dict[int, dict[str, Any]]:
         """``{index: record}`` of the finished shards of ``video_key``: one listing, one batched read."""
         folder = self._video_dir("shards", video_key)
         urls: dict[str, int] = {}
         for u in storage.list_files(folder, self.storage_options):
             rel = u[len(folder):].lstrip("/")
-            m = _SHARD_FILE.match(rel)  # direct children only: "a" must not see "a/b"'s shards
+            m = pattern.match(rel)  # direct children only: "a" must not see "a/b"'s shards
             if m:
                 urls[u] = int(m.group(1))
         blobs = storage.read_many(list(urls), self.storage_options)

@@ -14,7 +14,7 @@ import logging
 import time
 from typing import Any
 
-from farm.events import FAILURE_KINDS, Event, EventKind, EventLog
+from farm.events import FAILURE_KINDS, LOSS_KINDS, Event, EventKind, EventLog
 
 log = logging.getLogger("farm")
 
@@ -102,9 +102,11 @@ class JobMetrics:
         elif kind == EventKind.SHARD_FAILED:
             self.in_flight = max(0, self.in_flight - 1)
             self.shards_failed.inc(1, t)
+        elif kind == EventKind.SHARD_CHECKPOINTED:  # its continuation is dispatched again
+            self.in_flight = max(0, self.in_flight - 1)
         elif kind == EventKind.NODE_DRAINING:
             self.nodes_draining.inc(1, t)
-        if kind in (EventKind.SHARD_FAILED, EventKind.SHARD_CANCELLED) and e.get("frames_lost"):
+        if kind in LOSS_KINDS and e.get("frames_lost"):
             self.frames_rerendered.inc(int(e["frames_lost"]), t)
         elif kind == EventKind.VIDEO_DONE:
             self.videos_done.inc(1, t)
@@ -120,10 +122,10 @@ class JobMetrics:
             self.queue_depth.set(0, t)
             self.in_flight = 0
         elif kind in (EventKind.START, EventKind.SHARD_DISPATCHED, EventKind.SHARD_DONE, EventKind.SHARD_FAILED,
-                      EventKind.VIDEO_FAILED):
+                      EventKind.SHARD_CHECKPOINTED, EventKind.VIDEO_FAILED):
             self.queue_depth.set(max(0, sum(self.shards_left.values()) - self.in_flight), t)
         if kind in (EventKind.START, EventKind.FINISH, EventKind.SHARD_DISPATCHED, EventKind.SHARD_DONE,
-                    EventKind.SHARD_FAILED):
+                    EventKind.SHARD_FAILED, EventKind.SHARD_CHECKPOINTED):
             self.shards_running.set(self.in_flight, t)
 
     def _output_bytes(self, urls: list[str]) -> int:

@@ -244,6 +244,16 @@ class Pool:
         if slot is not None and self.actors[slot] is not None:
             self.aborts[self.actors[slot].abort.remote(name)] = info
 
+    def checkpoint(self, attempt: int) -> None:
+        """Ask a shard attempt to stop at its next chunk boundary and save its state (its node is draining);
+        its call returns a partial record. An answer not waited for: the attempt's own call says what it did."""
+        ref, _ = self.refs.get(attempt, (None, None))
+        kind, payload = self.calls.get(ref, (None, None))
+        if kind == "attempt":
+            _, name, slot = payload
+            if slot is not None and self.actors[slot] is not None:
+                self.actors[slot].checkpoint.remote(name)
+
     def wait(self, timeout: float) -> list[Completion]:
         """What finished within ``timeout`` seconds (at least one call, unless none finished)."""
         if not self.calls:

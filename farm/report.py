@@ -12,7 +12,7 @@ from collections import Counter
 from typing import Any
 
 from farm import storage
-from farm.events import Event, EventKind
+from farm.events import LOSS_KINDS, Event, EventKind
 from farm.ledger import Ledger, ledger_root
 from farm.stitch import seam_summary, worst_seam
 
@@ -36,7 +36,7 @@ class RunCounts:
             self.failed[event.data["video"]] += 1
         elif event.kind == EventKind.NODE_DRAINING and event.data["node"] not in self.drained:
             self.drained.append(event.data["node"])
-        if event.kind in (EventKind.SHARD_FAILED, EventKind.SHARD_CANCELLED) and event.data.get("frames_lost"):
+        if event.kind in LOSS_KINDS and event.data.get("frames_lost"):
             self.rerendered[event.data["video"]] += int(event.data["frames_lost"])
 
 

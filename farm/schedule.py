@@ -11,7 +11,8 @@ slots (states, pings, successors, blocklisting) in ``farm.fleet``; the commands 
 A later rule is a policy addition, not a rewrite. Draining a node before preemption, for one
 (``farm.drain``): ``on_node_draining(node, deadline)`` marks the node in the fleet (``Replace`` keeps
 successors off it, ``Fleet.idle`` leaves out its actors, so ``_fill`` dispatches nothing there), and
-its in-flight stateless shards that would not finish by the deadline are copied (first result wins).
+its in-flight stateless shards that would not finish by the deadline are copied (first result wins), and
+a handoff chain's shard is checkpointed (``Checkpoint``, then ``on_checkpointed``: it continues elsewhere).
 """
 
 from __future__ import annotations
@@ -24,6 +25,7 @@ from typing import Any
 
 from farm.commands import (  # noqa: F401 (the commands are this module's answers: importable from here)
     Cancel,
+    Checkpoint,
     Command,
     Config,
     Dispatch,
@@ -202,6 +204,16 @@ class Scheduler:
         if a.unit.kind == Kind.COMMIT and v.succeeded():
             v.running = False
             self._out.append(FinishVideo(v.key))
+
+    def on_checkpointed(self, attempt: int, at: int, now: float, frames_lost: int = 0) -> None:
+        """``attempt`` stopped at frame ``at`` (a ``Checkpoint``) and left a partial record: its actor is free
+        and the shard is ready again, to continue from ``at`` on a healthy actor (``farm.drain``)."""
+        a = self.attempts.pop(attempt)
+        actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        if actor is not None and actor.state == ActorState.KILLED:
+            self.fleet.replace(actor.slot)
+        self.videos[a.video].copies.pop(a.unit.id, None)
+        self.drain.checkpointed(self, a, actor.node if actor is not None else None, at, frames_lost)
 
     def on_failed(self, attempt: int, failure: Failure, now: float) -> None:
         """What a failed attempt does, decided by ``policy.determine`` alone."""

@@ -14,7 +14,7 @@ from actors.base import VideoContext
 from farm import storage
 from farm.graph import Kind, Unit
 from farm.inputs import VideoInput
-from farm.ledger import Ledger, ShardRecord
+from farm.ledger import Ledger, ShardRecord, core_pieces
 from farm.plan import Shard
 from farm.sinks import OutputTarget, SinkError
 from farm.spec import FORMAT_EXT, JobSpec
@@ -33,6 +33,7 @@ class VideoRun:
     cond_ref: Any = None  # the prepare call's result, passed to every shard by reference
     records: dict[int, ShardRecord] = field(default_factory=dict)  # shard position -> its record
     state_refs: dict[int, Any] = field(default_factory=dict)  # shard position -> state it handed on
+    partials: dict[int, ShardRecord] = field(default_factory=dict)  # checkpointed shards, continued from stopped_at
     pieces: dict[str, list[dict]] = field(default_factory=dict)  # channel -> piece records
     outputs: dict[str, dict] = field(default_factory=dict)
     started: float = 0.0
@@ -53,11 +54,13 @@ class VideoRun:
         return {by_id[u.state_from].shard for u in self.units if u.state_from}  # type: ignore[misc]
 
     def add_record(self, i: int, record: ShardRecord) -> None:
-        """A finished shard: its record, and its core segment as a piece of each output it makes."""
+        """A finished shard: its record, and its core segments (two when it was checkpointed) as pieces of each
+        output it makes."""
         self.records[i] = record
+        self.partials.pop(i, None)
         for ch in self.targets:
             if ch in record.channels:  # pass 1 of a two-pass model makes no output pieces
-                self.pieces[ch].append(record.channels[ch]["core"])
+                self.pieces[ch].extend(core_pieces(record.channels[ch]))
 
     def manifest_entry(self) -> dict[str, Any]:
         return {
@@ -137,8 +140,10 @@ def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: s
     s = run.shards[i]
     n = len(run.shards) // model_cls.passes
     state_from = run.unit(unit.state_from).shard if unit.state_from else None
-    state_url = None
-    if state_from is not None and state_from not in run.state_refs:  # resumed: the ledger has it
+    state_url, partial = None, run.partials.get(i)
+    if partial is not None:  # checkpointed: continue from its frame k with its state there
+        state_url, state_from = partial.state_url, None
+    elif state_from is not None and state_from not in run.state_refs:  # resumed: the ledger has it
         state_url = run.records[state_from].state_url
     previous = []
     if s.stage == 1:  # pass 1's output of this shard and its neighbours
@@ -159,6 +164,7 @@ def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: s
         background=background_of(spec, run),
         storage_options=spec.storage_options,
         tag=tag,
+        resume_from=partial.stopped_at if partial is not None else None,
         passes=model_cls.passes,
         previous=previous,
         blend=spec.window.blend,
@@ -167,11 +173,33 @@ def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: s
 
 
 def check_plan(run: VideoRun, i: int, record: ShardRecord) -> None:
-    """Every segment holds exactly the frames its plan gives it (av1an#770): else a retried error."""
+    """Every segment holds exactly the frames its plan gives it (av1an#770): else a retried error. A shard's
+    core pieces (two when it was checkpointed and continued) follow each other from ``core_start`` to
+    ``core_stop``, or to ``stopped_at`` for a partial record."""
     s = run.shards[i]
+    stop = s.core_stop if record.stopped_at is None else record.stopped_at
     for ch, entry in record.channels.items():
-        if entry["core"]["frames"] != s.core_stop - s.core_start:
+        pieces = core_pieces(entry)
+        at = s.core_start
+        for p in pieces:
+            if p["start"] != at:
+                raise SinkError(f"{run.input.url}: shard {i} {ch} segment starts at frame {p['start']}, "
+                                f"the plan says {at}")
+            at += p["frames"]
+        if at - s.core_start != stop - s.core_start:
             raise SinkError(
-                f"{run.input.url}: shard {i} {ch} segment has {entry['core']['frames']} frames, "
-                f"the plan says {s.core_stop - s.core_start}"
+                f"{run.input.url}: shard {i} {ch} segment has {at - s.core_start} frames, "
+                f"the plan says {stop - s.core_start}"
             )
+
+
+def shard_record(run: VideoRun, i: int, record: ShardRecord) -> ShardRecord:
+    """A shard attempt's record, joined to the partial record it continued (a checkpoint), checked against the
+    plan, stamped with the input it was rendered from."""
+    if record.resumed_from is not None:
+        if i not in run.partials:
+            raise ValueError(f"shard {i}: continued from frame {record.resumed_from}, no partial record")
+        record = run.partials[i].join(record)
+    check_plan(run, i, record)
+    record.input = run.fingerprint
+    return record

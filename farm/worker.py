@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import io
-import itertools
 import os
 import socket
 import sys
@@ -25,6 +24,7 @@ import numpy as np
 from actors.base import State, VideoContext
 from farm import storage
 from farm.channels import Background
+from farm.grid import render_ranges, stops_at
 from farm.ledger import Ledger
 from farm.pipeline import ChunkReader, CudaStager, Pipeline, stack_frames
 from farm.plan import Shard
@@ -58,6 +58,7 @@ class ShardTask:
     background: tuple[float, float, float] | str = (0.0, 0.0, 0.0)  # colour, or an image/video URL for comp
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
     tag: str = ""  # suffix of this attempt's part names: a speculative copy never overwrites the original's
+    resume_from: int | None = None  # continue a checkpointed shard from this frame (state_url: its state there)
     passes: int = 1  # the model's passes: with 2, stage-0 shards keep their whole output for stage 1
     previous: list[dict[str, Any]] = field(default_factory=list)  # stage 1: pass-1 {start, stop, url} of i-1, i, i+1
     blend: str = "linear"  # ramp for blending pass-1 overlaps before stage 1 sees them
@@ -111,6 +112,7 @@ class ModelWorker:
         # Heartbeat: read by ``ping`` on the actor's second thread while a shard renders on the first.
         self.progress, self.call_started, self.max_call_s = 0, None, 0.0
         self.aborted: set[str] = set()
+        self.checkpoints: set[str] = set()  # attempts to stop at their next chunk boundary (``checkpoint``)
         # Output writes in progress (``writing``): ``abort`` waits for them, so once abort returns the aborted
         # attempt writes nothing more (png outputs are written straight to their final keys).
         self._writes, self._active_writes = threading.Condition(), 0
@@ -181,6 +183,11 @@ class ModelWorker:
             self.aborted.add(name)
             self._writes.wait_for(lambda: self._active_writes == 0)
 
+    def checkpoint(self, name: str) -> None:
+        """Ask the shard attempt ``name`` to stop at its next chunk boundary inside its core and save its state
+        there (its node is being drained). Answered at once, on the actor's second thread."""
+        self.checkpoints.add(name)
+
     def stop_if_aborted(self, task: ShardTask) -> None:
         if task.name + task.tag in self.aborted:
             raise ShardCancelled(f"{task.name}{task.tag}: cancelled, another copy finished first")
@@ -217,7 +224,7 @@ class ModelWorker:
 
         A hint from the driver, answered at once (on the actor's second thread): a wrong guess costs one
         bounded queue of decoded chunks, dropped once ``PREFETCH_SLOTS`` newer hints came."""
-        ranges = _render_ranges(shard.start - shard.preroll, shard, handoff_at, self.model.chunk_frames)
+        ranges = render_ranges(shard.start - shard.preroll, shard, handoff_at, self.model.chunk_frames)
         depth = pipeline_depth()
         if not depth:
             return
@@ -267,7 +274,7 @@ class ModelWorker:
         if state is None and task.state_url:
             state = ledger.read_state(task.state_url)
         run_start = s.start - s.preroll
-        ranges = _render_ranges(run_start, s, task.handoff_at, task.chunk)
+        ranges = render_ranges(run_start, s, task.handoff_at, task.chunk, task.resume_from)
         depth = pipeline_depth()
         previous = load_previous(task, ledger) if s.stage == 1 else None
         reader = self._reader(task, ranges, depth)
@@ -279,23 +286,30 @@ class ModelWorker:
                 queued = time.perf_counter()
                 with self._model_lock:  # one shard's model calls at a time; its writers finish outside
                     wait, cpu0 = time.perf_counter(), time.thread_time()
-                    rendered, handoff_state = self._model_calls(task, pipe, cond, state, previous, splits)
+                    rendered, handoff_state, stopped = self._model_calls(task, pipe, cond, state, previous, splits)
                     model_s, model_cpu_s = time.perf_counter() - wait, time.thread_time() - cpu0
+                for c in consumers.values():  # a checkpoint: the writers check the frames up to it
+                    c.stopped_at = stopped
                 results = pipe.finish()
         finally:
+            self.checkpoints.discard(task.name + task.tag)
             reader.close()
             if background is not None:
                 background.close()
         self.stop_if_aborted(task)
 
-        record: dict[str, Any] = {"shard": s.to_dict(), "channels": {}, "rendered_frames": rendered}
+        record: dict[str, Any] = {"shard": s.to_dict(), "channels": {}, "rendered_frames": rendered,
+                                  "resumed_from": task.resume_from, "stopped_at": stopped}
         for name, result in results.items():
             if name == PASS1:
                 record["previous"] = result
             else:
                 record["channels"][name] = result
-        if handoff_state is not None:
-            record["state_url"] = ledger.write_state(task.video_key, s.name, handoff_state)
+        if handoff_state is not None:  # the next shard's state, or at a checkpoint the state to continue from
+            name = s.name if stopped is None else f"{s.name}{task.tag}-at{stopped:06d}"
+            record["state_url"] = ledger.write_state(task.video_key, name, handoff_state)
+        if stopped is not None:
+            handoff_state = None  # the chain's next shard waits for the continuation
         if splits:
             record["oom_splits"] = splits
         # Where the time goes: the model loop's wall and CPU seconds (waits on decoder and writers included),
@@ -309,9 +323,10 @@ class ModelWorker:
 
     def _model_calls(
         self, task: ShardTask, pipe: Pipeline, cond: Any, state: State | None, previous: Any, splits: list[int]
-    ) -> tuple[int, State | None]:
+    ) -> tuple[int, State | None, int | None]:
         """The model's calls over the shard's chunks, back to back; each output goes to the writers.
-        Returns the frames rendered and the state to hand to the next shard."""
+        Returns the frames rendered, the state to hand to the next shard and, when ``checkpoint`` stopped it
+        at frame k, k (the state returned is then the state at k)."""
         s, rendered, handoff_state = task.shard, 0, None
         for a, b, batch in pipe.chunks():
             self.stop_if_aborted(task)
@@ -336,7 +351,9 @@ class ModelWorker:
             if b > s.start:  # preroll chunks only warm the state: their outputs are dropped
                 pipe.emit((a, b, outputs))
             del outputs
-        return rendered, handoff_state
+            if previous is None and task.name + task.tag in self.checkpoints and stops_at(task, b):
+                return rendered, state, b
+        return rendered, handoff_state, None
 
     def _consumers(self, task: ShardTask) -> tuple[Background | None, dict[str, Any]]:
         """What runs behind the model: a writer per output channel, or pass 1's keeper of the whole window."""
@@ -414,14 +431,3 @@ def _is_oom(e: BaseException) -> bool:
     """torch's OutOfMemoryError (CUDA or other accelerators), told apart without importing torch."""
     return any(c.__name__ == "OutOfMemoryError" and c.__module__.startswith("torch") for c in type(e).__mro__)
 
-
-def _render_ranges(run_start: int, s: Shard, handoff_at: int | None, chunk: int | None) -> list[tuple[int, int]]:
-    """Half-open ranges the shard is rendered in: cut where the preroll ends, where the state is
-    handed off, and every ``chunk`` frames (bounded memory for per-frame and recurrent models)."""
-    cuts = {run_start, s.start, s.stop}
-    if handoff_at is not None and run_start < handoff_at < s.stop:
-        cuts.add(handoff_at)
-    if chunk:
-        cuts.update(range(run_start, s.stop, chunk))
-    edges = sorted(c for c in cuts if run_start <= c <= s.stop)
-    return list(itertools.pairwise(edges))

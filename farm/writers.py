@@ -26,9 +26,22 @@ class ChannelWriter:
     ) -> None:
         s = task.shard
         self.channel, self.task, self.background, self.writing = channel, task, background, writing
-        self.piece = sink.open_piece(f"core-{s.index:04d}{task.tag}", s.core_start, threads=threads)
+        k = task.resume_from  # a continuation of a checkpointed shard: its own piece from frame k
+        name = f"core-{s.index:04d}{task.tag}" + (f"-k{k:06d}" if k is not None else "")
+        self.piece = sink.open_piece(name, s.core_start if k is None else k, threads=threads)
         self.heads: list[np.ndarray] = []
         self.tails: list[np.ndarray] = []
+        self.stopped_at: int | None = None  # set before ``finish`` when the shard stops at a checkpoint
+
+    def span(self) -> tuple[int, int, int, int]:
+        """(first core frame, end of the core, head frames, tail frames) this attempt must have written: the
+        plan's, cut where it resumed (no head) and where it was checkpointed (no tail)."""
+        s, k = self.task.shard, self.task.resume_from
+        lo, hi = (s.core_start, s.core_stop) if k is None else (k, s.core_stop)
+        head = s.core_start - s.start if k is None else 0
+        if self.stopped_at is not None:
+            return lo, self.stopped_at, head, 0
+        return lo, hi, head, s.stop - s.core_stop
 
     def write(self, item: tuple[int, int, dict[str, np.ndarray]]) -> None:
         a, b, outputs = item
@@ -44,15 +57,15 @@ class ChannelWriter:
 
     def finish(self) -> dict[str, Any]:
         task, s = self.task, self.task.shard
+        lo, hi, head, tail = self.span()
         with self.writing(task):
             entry: dict[str, Any] = {"core": self.piece.close()}
-            if entry["core"]["frames"] != s.core_stop - s.core_start:  # the plan, not what the model returned
+            if entry["core"]["frames"] != hi - lo:  # the plan, not what the model returned
                 raise SinkError(
                     f"{task.name}: {self.channel} segment has {entry['core']['frames']} frames, the plan says "
-                    f"{s.core_stop - s.core_start} (frames lost between model and encoder)"
+                    f"{hi - lo} (frames lost between model and encoder)"
                 )
-            for side, parts, want in (("head", self.heads, s.core_start - s.start),
-                                      ("tail", self.tails, s.stop - s.core_stop)):
+            for side, parts, want in (("head", self.heads, head), ("tail", self.tails, tail)):
                 got = sum(len(p) for p in parts)
                 if got != want:  # the stitcher blends these with the neighbour's: a short one fails the video
                     raise SinkError(

@@ -12,7 +12,7 @@ from test_schedule import DIED, Sim, shards_of
 
 from farm.drain import Drain, apply_drains
 from farm.events import EventKind
-from farm.schedule import Cancel, Dispatch, Kill, Replace
+from farm.schedule import Cancel, Checkpoint, Dispatch, Kill, Replace
 
 NODES = ["n0", "n1", "n2"]
 
@@ -141,6 +141,60 @@ def test_handoff_chain_shard_is_not_copied_but_gets_no_successor_on_the_node():
     sim.done(first, seconds=8.0)
     (nxt,) = shards_of(sim.step())
     assert nxt.slot != first.slot  # the chain goes on off the draining node
+
+
+def chain_started(**config) -> tuple[Sim, Dispatch]:
+    """A handoff chain (one shard at a time) on two actors, its first shard in flight."""
+    sim = Sim(actors=2, nodes=NODES[:2], speculative=False, handoff=True, drain_min_deadline_s=5.0, **config)
+    sim.add(frames=32, mode="handoff")
+    sim.prepare_all()
+    (first,) = shards_of(sim.open())
+    return sim, first
+
+
+def test_a_chain_shard_that_would_not_finish_is_checkpointed_once_and_continues_elsewhere():
+    sim, first = chain_started()
+    node = NODES[first.slot]
+    sim.s.on_node_draining(node, sim.now + 1, sim.now)  # 1 s: under drain_min_deadline_s
+    (ask,) = [c for c in sim.step() if isinstance(c, Checkpoint)]
+    assert ask == Checkpoint(first.attempt, first.slot, "v", first.unit.shard)
+    assert not [c for c in sim.step(0.5) if isinstance(c, (Checkpoint, Dispatch))]  # asked once; nothing else to do
+    sim.s.on_checkpointed(first.attempt, 8, sim.now)  # it stopped at frame 8 with its state there
+    cmds = sim.step()
+    (moved,) = shards_of(cmds)
+    assert moved.unit.id == first.unit.id and moved.slot != first.slot and not moved.copy
+    assert moved.number == first.number  # a checkpoint is not a failure: no retry spent
+    assert Kill(first.slot) in cmds  # its actor, idle on the draining node, moves off it
+    (ckpt,) = sim.events(EventKind.SHARD_CHECKPOINTED)
+    assert ckpt == {"video": "v", "shard": 0, "actor": first.slot, "node": node, "at": 8, "frames_lost": 0}
+    assert not sim.events(EventKind.SHARD_FAILED) and not sim.events(EventKind.SHARD_MOVED)
+    sim.run()
+    assert sim.s.finished
+
+
+def test_a_chain_shard_that_finishes_in_time_is_not_checkpointed():
+    sim, first = chain_started()
+    sim.done(first, seconds=16.0)  # 2 s a frame measured
+    (second,) = shards_of(sim.step())
+    sim.s.on_node_draining(NODES[second.slot], sim.now + 60, sim.now)  # 24 s needed with the margin
+    assert not [c for c in sim.step(1.0) if isinstance(c, Checkpoint)]
+
+
+def test_ignore_never_checkpoints_and_a_node_lost_first_redoes_the_shard():
+    sim, first = chain_started(preemption="ignore")
+    sim.s.on_node_draining(NODES[first.slot], sim.now + 1, sim.now)
+    assert not [c for c in sim.step() if isinstance(c, Checkpoint)]
+    # With drain too: a node that goes before the checkpoint lands loses the attempt, redone from its start.
+    sim, first = chain_started()
+    sim.s.on_node_draining(NODES[first.slot], sim.now + 1, sim.now)
+    assert [c for c in sim.step() if isinstance(c, Checkpoint)]
+    sim.now = 2.0
+    sim.s.on_nodes({n for n in NODES[:2] if n != NODES[first.slot]})
+    sim.fail(first, DIED)
+    (failed,) = sim.events(EventKind.SHARD_FAILED)
+    assert failed["node_lost"] and not sim.events(EventKind.SHARD_CHECKPOINTED)
+    (retry,) = shards_of(sim.step())
+    assert retry.unit.id == first.unit.id and retry.number == 2 and retry.slot != first.slot
 
 
 def test_a_withdrawn_drain_gives_the_node_work_again():

@@ -572,7 +572,8 @@ def test_shard_queued_on_a_hung_actor_is_dispatched_again_without_spending_an_at
 
 
 def test_runs_with_ray_unimportable():
-    """This module again, in a process where ``import ray`` raises: the policy needs no Ray at all."""
+    """This module and the drain policy's (``test_drain``) again, in a process where ``import ray`` raises: the
+    policy needs no Ray at all."""
     if os.environ.get("FARM_TEST_NO_RAY"):
         with pytest.raises(ImportError):
             import ray  # noqa: F401
@@ -580,7 +581,8 @@ def test_runs_with_ray_unimportable():
     code = (
         "import sys; sys.modules['ray'] = None\n"  # import ray -> ImportError
         "import pytest\n"
-        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(Path(__file__))!r}]))\n"
+        f"sys.exit(pytest.main(['-q', '-p', 'no:cacheprovider', {str(Path(__file__))!r}, "
+        f"{str(Path(__file__).with_name('test_drain.py'))!r}]))\n"
     )
     env = {**os.environ, "FARM_TEST_NO_RAY": "1"}
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env, timeout=300)

@@ -32,9 +32,9 @@ from farm.commands import Checkpoint
 from farm.events import EventKind
 from farm.fleet import ActorState
 from farm.graph import Kind
+from farm.work import Attempt
 
 Scheduler = Any  # farm.schedule.Scheduler (which imports this module)
-Attempt = Any  # farm.schedule.Attempt
 
 FINISH_MARGIN = 1.5  # a shard finishes in place only if 1.5x its expected time left fits before the deadline
 

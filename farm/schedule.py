@@ -19,10 +19,9 @@ from __future__ import annotations
 
 import itertools
 from collections import deque
-from dataclasses import dataclass
-from enum import Enum
 from typing import Any
 
+from farm import queues
 from farm.commands import (  # noqa: F401 (the commands are this module's answers: importable from here)
     Cancel,
     Checkpoint,
@@ -43,81 +42,7 @@ from farm.events import EventKind
 from farm.fleet import Actor, ActorState, Fleet
 from farm.graph import ACTOR_KINDS, Kind, Unit
 from farm.policy import Blocklists, Budget, Failure, Speculation, determine
-
-
-class UnitState(Enum):
-    WAITING = "waiting"  # some of its needs are not done
-    READY = "ready"
-    RUNNING = "running"  # one attempt in flight, or two (a straggler's copy)
-    DONE = "done"
-
-
-@dataclass
-class Attempt:
-    id: int
-    video: str
-    unit: Unit
-    slot: int | None
-    number: int
-    started: float  # dispatched, or (queued behind another attempt) when it got the actor's model
-    generation: int = 0  # of the actor it was sent to: a successor's is another actor
-    abandoned: bool = False  # a cancelled copy: only its actor still matters
-    copy: bool = False  # a straggler's or a moved shard's copy: it spent none of the unit's attempts
-
-
-class VideoWork:
-    """One video's units, their states and the ready set, updated as units finish."""
-
-    def __init__(self, key: str, units: list[Unit], frame_count: int, done: set[str], rank: int) -> None:
-        self.key, self.rank, self.running = key, rank, True
-        self.units = {u.id: u for u in units}
-        self.state: dict[str, UnitState] = {}
-        self.missing: dict[str, int] = {}
-        self.dependents: dict[str, list[str]] = {u.id: [] for u in units}
-        self.ready: set[str] = set()
-        self.attempts: dict[str, int] = {}
-        self.avoid: dict[str, set[int]] = {}
-        self.copies: dict[str, list[int]] = {}
-        self.left = frame_count  # frames not yet rendered (both passes count): the priority
-        todo_actor = any(u.kind in (Kind.RENDER, Kind.REFINE) and u.id not in done for u in units)
-        if not todo_actor:
-            done = done | {"prepare"}  # nothing left that needs the conditioning
-        for u in units:
-            for need in u.needs:
-                self.dependents[need].append(u.id)
-            if u.id in done:
-                self.state[u.id] = UnitState.DONE
-                self.left -= self.frames(u)
-                continue
-            self.missing[u.id] = sum(n not in done for n in u.needs)
-            self.state[u.id] = UnitState.WAITING
-            if not self.missing[u.id]:
-                self.state[u.id] = UnitState.READY
-                self.ready.add(u.id)
-
-    @staticmethod
-    def frames(u: Unit) -> int:
-        return u.frames[1] - u.frames[0] if u.frames and u.kind in (Kind.RENDER, Kind.REFINE) else 0
-
-    def complete(self, uid: str) -> None:
-        self.state[uid] = UnitState.DONE
-        self.ready.discard(uid)
-        self.left -= self.frames(self.units[uid])
-        for d in self.dependents[uid]:
-            if d not in self.missing:  # done already (resumed)
-                continue
-            self.missing[d] -= 1
-            if not self.missing[d] and self.state[d] == UnitState.WAITING:
-                self.state[d] = UnitState.READY
-                self.ready.add(d)
-
-    def make_ready(self, uid: str) -> None:
-        self.state[uid] = UnitState.READY
-        self.ready.add(uid)
-
-    def succeeded(self) -> bool:
-        return all(s == UnitState.DONE for u, s in self.state.items() if self.units[u].kind == Kind.COMMIT)
-
+from farm.work import Attempt, UnitState, VideoWork  # noqa: F401 (importable from here)
 
 # ---- the scheduler -----------------------------------------------------------------------------
 
@@ -209,7 +134,7 @@ class Scheduler:
         """``attempt`` stopped at frame ``at`` (a ``Checkpoint``) and left a partial record: its actor is free
         and the shard is ready again, to continue from ``at`` on a healthy actor (``farm.drain``)."""
         a = self.attempts.pop(attempt)
-        actor = self.fleet.free(a.slot, attempt) if a.slot is not None else None
+        actor = self._release(a, now)
         if actor is not None and actor.state == ActorState.KILLED:
             self.fleet.replace(actor.slot)
         self.videos[a.video].copies.pop(a.unit.id, None)
@@ -304,7 +229,7 @@ class Scheduler:
     def _fill(self, now: float) -> None:
         """Idle actors first (ready shards, else a queued one moved over, else a straggler's copy), then
         queues behind busy actors."""
-        self._requeue_orphans()
+        queues.requeue_orphans(self)
         while not self.budget.exhausted:
             idle = self.fleet.idle()
             if not idle:
@@ -324,85 +249,9 @@ class Scheduler:
                     break
                 # else: leave it for a busy actor that has not failed it yet
             else:
-                if not self._steal(idle, now) and not self._speculate(idle, now):
+                if not queues.steal(self, idle, now) and not queues.speculate(self, idle, now):
                     break
-        self._queue(now)
-
-    def _requeue_orphans(self) -> None:
-        """Shards queued on an actor that was killed (hung, blocklisted) before they began: ready again,
-        spending none of their attempts (their death, when it comes back, is an abandoned copy's)."""
-        while self.fleet.orphans:
-            a = self.attempts.get(self.fleet.orphans.pop(0))
-            if a is None or a.abandoned:
-                continue
-            a.abandoned = True
-            v, uid = self.videos[a.video], a.unit.id
-            copies = v.copies.get(uid, [])
-            if a.id in copies:
-                copies.remove(a.id)
-            if not copies:
-                v.copies.pop(uid, None)
-                if not a.copy:
-                    v.attempts[uid] -= 1
-                if v.running and v.state[uid] == UnitState.RUNNING:
-                    v.make_ready(uid)
-            self._emit(EventKind.SHARD_CANCELLED, video=v.key, shard=a.unit.shard, actor=a.slot,
-                       reason="its actor was stopped before the shard began")
-
-    def _queue(self, now: float) -> None:
-        """Ready shards behind busy actors' current ones (``Config.queue`` > 1): an actor's next model calls
-        then start as soon as its current shard's last call ends, while that shard's encoders finish."""
-        while not self.budget.exhausted:
-            slots = self.fleet.queueable()
-            for uid, v in self._ready():
-                fresh = [k for k in slots if k not in v.avoid.get(uid, set())]
-                if fresh:  # the actor decoding it already, else the one whose current shard started first
-                    fresh.sort(key=lambda k: (self.hinted.get(k) != (v.key, uid), self._started(k)))
-                    self._dispatch(fresh[0], v, uid, now)
-                    break
-            else:
-                return
-
-    def _started(self, slot: int) -> float:
-        attempt = self.fleet.actors[slot].attempt
-        return self.attempts[attempt].started if attempt in self.attempts else 0.0
-
-    def _steal(self, idle: list[int], now: float) -> bool:
-        """An idle actor takes a shard queued behind another actor's current one (not started there): that
-        queued call is cancelled, so no actor idles while another holds work it has not begun."""
-        for actor in self.fleet.actors:
-            for attempt in actor.queued:
-                a = self.attempts[attempt]
-                v = self.videos[a.video]
-                free = [k for k in idle if k not in v.avoid.get(a.unit.id, set())]
-                if a.abandoned or not v.running or not free:
-                    continue
-                v.copies[a.unit.id].remove(attempt)
-                self._cancel(attempt, now, reason="moved to an idle actor")
-                self._dispatch(free[0], v, a.unit.id, now, moved_from=a.slot)
-                return True
-        return False
-
-    def _speculate(self, idle: list[int], now: float) -> bool:
-        """At the tail (nothing else to run), copy the slowest straggler to an idle actor."""
-        if not self.speculation.active():
-            return False
-        best = None
-        for v in self.running():
-            for uid, ids in v.copies.items():
-                if len(ids) != 1 or (v.key, uid) in self.speculation.copied:
-                    continue
-                a = self.attempts[ids[0]]
-                late = self.speculation.lateness(now - a.started, v.frames(a.unit))
-                free = [k for k in idle if k not in v.avoid.get(uid, set())]
-                if late > 1 and free and (best is None or late > best[0]):
-                    best = (late, v, uid, free[0])
-        if best is None:
-            return False
-        _, v, uid, slot = best
-        self.speculation.copied.add((v.key, uid))
-        self._dispatch(slot, v, uid, now, copy=True)
-        return True
+        queues.fill_queues(self, now)
 
     def _dispatch(self, slot: int, v: VideoWork, uid: str, now: float, copy: bool = False,
                   moved_from: int | None = None) -> None:

@@ -7,19 +7,29 @@ or uploads. cockatoo 720p (280 frames), one actor owning the machine (``cpus_per
 ``window.frames: 70``, mp4 ``alpha`` + ``fgr`` at x264's default preset (medium), 0.02, 0.05 and
 0.08 s/frame; 0.08 s/frame with ``output.preset: veryfast``; and a png job at 0.08.
 Each case runs twice: the actor as a pipeline (farm) and the serial loop (``FARM_PIPELINE=0``: decode,
-model, convert, encode, upload on one thread), each setting in a Ray session of its own so the actors
-see it. The 1-minute load average is recorded with every figure, and the shards' stage CPU seconds.
+model, convert, encode, upload on one thread, one shard at a time), each setting in a Ray session of its
+own so the actors see it. The mp4 cases at 0.08 s/frame also run pipelined with one shard per actor
+(``scheduler.shards_per_actor: 1``), which shows what the queued second shard adds. The 1-minute load
+average is recorded with every figure, and the shards' stage CPU seconds.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import time
 from typing import Any
 
-from bench.common import SHARED_VIDEOS, job_spec, machine, machine_line, parse_args, scratch, write_result
+from bench.common import (
+    SHARED_VIDEOS,
+    job_spec,
+    machine,
+    machine_line,
+    parse_args,
+    scratch,
+    shard_stages,
+    write_result,
+)
 
 SLEEPS = (0.02, 0.05, 0.08)
 WINDOW = {"frames": 70}
@@ -27,7 +37,9 @@ CHANNELS = ("alpha", "fgr")
 CPUS = float(os.cpu_count() or 1)  # the one actor owns the machine: its encoders' thread counts come from this
 
 
-def run_case(src: str, sleep: float, fmt: str, preset: str | None, tag: str) -> dict[str, Any]:
+def run_case(
+    src: str, sleep: float, fmt: str, preset: str | None, tag: str, shards_per_actor: int = 2
+) -> dict[str, Any]:
     from farm.driver import run_job
 
     out = scratch(f"accel-{tag}")
@@ -42,15 +54,13 @@ def run_case(src: str, sleep: float, fmt: str, preset: str | None, tag: str) -> 
         channels=CHANNELS,
         format=fmt,
         preset=preset,
+        scheduler={"shards_per_actor": shards_per_actor},
     )
     load = os.getloadavg()[0]
     t0 = time.time()
     result = run_job(spec)
     wall = time.time() - t0
-    stages: dict[str, float] = {}  # summed over the shards' ledger records: where the time goes
-    for path in out.rglob("shards/*/*.json"):
-        for k, v in (json.loads(path.read_text()).get("stages") or {}).items():
-            stages[k] = round(stages.get(k, 0.0) + (v or 0.0), 2)
+    stages = shard_stages(out)
     if not stages:
         raise RuntimeError(f"accelerator run {tag}: no shard record with stages under {out}")
     output_bytes = sum(f.stat().st_size for f in out.rglob("*") if f.is_file() and ".farm" not in f.parts)
@@ -94,8 +104,12 @@ def main() -> None:
         try:
             for row in rows:
                 sleep, fmt, preset = row["sleep_per_frame"], row["format"], row["preset"]
-                row[key] = run_case(src, sleep, fmt, preset, f"{fmt}-{preset}-{sleep}-{key}")
-                print(f"{fmt} {preset} {sleep:.2f} s/frame {key}: {row[key]}", flush=True)
+                arms = [(key, 2 if key == "pipeline" else 1)]
+                if key == "pipeline" and fmt == "mp4" and sleep == 0.08:
+                    arms.append(("pipeline_one_shard", 1))
+                for arm, per_actor in arms:
+                    row[arm] = run_case(src, sleep, fmt, preset, f"{fmt}-{preset}-{sleep}-{arm}", per_actor)
+                    print(f"{fmt} {preset} {sleep:.2f} s/frame {arm}: {row[arm]}", flush=True)
         finally:
             ray.shutdown()
     for row in rows:

@@ -214,6 +214,16 @@ def scratch(name: str) -> Path:
 # ---- jobs -------------------------------------------------------------------------------------------
 
 
+def shard_stages(out: Path) -> dict[str, float]:
+    """Where the shards' time went, summed over the ledger's shard records under ``out`` (``stages``: the
+    model loop's wall and CPU seconds, its wait behind another shard, the decoder's and writers' CPU)."""
+    stages: dict[str, float] = {}
+    for path in out.rglob("shards/*/*.json"):
+        for k, v in (json.loads(path.read_text()).get("stages") or {}).items():
+            stages[k] = round(stages.get(k, 0.0) + (v or 0.0), 2)
+    return stages
+
+
 def job_spec(
     name: str,
     inputs: list[str],
@@ -225,6 +235,7 @@ def job_spec(
     channels: tuple[str, ...] = ("alpha",),
     format: str = "mp4",
     preset: str | None = None,
+    scheduler: dict[str, Any] | None = None,
 ) -> Any:
     """A JobSpec built the way a user writes one (YAML through parse_spec)."""
     from farm.spec import parse_spec
@@ -240,6 +251,8 @@ def job_spec(
         job["window"] = window
     if preset:
         job["output"]["preset"] = preset
+    if scheduler:
+        job["scheduler"] = scheduler
     return parse_spec(yaml.safe_dump(job), f"bench/{name}.yaml")
 
 

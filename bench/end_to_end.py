@@ -16,6 +16,7 @@ import os
 import shutil
 import time
 from fractions import Fraction
+from pathlib import Path
 from typing import Any
 
 from bench.common import (
@@ -27,6 +28,7 @@ from bench.common import (
     machine_line,
     parse_args,
     scratch,
+    shard_stages,
     trimmed_clip,
     write_result,
 )
@@ -112,6 +114,7 @@ def farm_run(model_cfg: dict[str, Any], src: str, out_dir: Any, window: dict[str
     (video,) = result.manifest["videos"].values()
     frames = video["frames"]
     pool = max(log.received("actor_ready")) - log.received("start")[0]
+    stages = shard_stages(Path(out_dir))  # where the shards' time went
     return {
         "frames": frames,
         "shards": video["shards"],
@@ -121,6 +124,7 @@ def farm_run(model_cfg: dict[str, Any], src: str, out_dir: Any, window: dict[str
         "pool_start_s": round(pool, 3),
         "fps": round(frames / (t1 - t0), 3),
         "fps_excl_pool_start": round(frames / (t1 - t0 - pool), 3),
+        "stages": stages,
     }
 
 
@@ -155,7 +159,7 @@ def main() -> None:
         ("rvm_handoff", rvm, None),  # RVM's default: one chain, exact
         ("rvm_preroll", rvm, {"frames": 70 if not args.quick else 32, "state": "preroll", "preroll": 16}),
     ]
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     threads_in_actor = actor_torch_threads()
     rows = []
     plain_cache: dict[str, dict] = {}

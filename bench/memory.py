@@ -50,7 +50,7 @@ def child(frames: int) -> dict[str, Any]:
         actors=2,
         channels=("alpha", "fgr"),
     )
-    ray.init(num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, logging_level="WARNING")
     me = os.getpid()
     before = proc_status_kb(me, "VmRSS")
     log = EventLog()

@@ -138,7 +138,7 @@ def main() -> None:
         sleep, per_actor, window = 0.05, 240, 20  # ideal 12 s per run, 12 shards per actor
     m = machine()
     local = []
-    ray.init(num_cpus=32, include_dashboard=False, logging_level="WARNING")
+    ray.init(address="local", num_cpus=32, include_dashboard=False, logging_level="WARNING")
     for n in ACTORS:
         r = run_one(n, sleep, per_actor, window, cpus_per_actor=0.1, tag="local")
         print(_line("local", r))

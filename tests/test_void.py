@@ -121,8 +121,8 @@ def write_video(path: Path, frames: np.ndarray, fps: int = 12) -> str:
 
 
 @pytest.fixture(scope="module")
-def folder(tmp_path_factory) -> Path:
-    return build_tiny_folder(tmp_path_factory.mktemp("void_weights"))
+def folder(tiny_weights) -> Path:
+    return tiny_weights("void")
 
 
 @pytest.fixture(scope="module")

@@ -185,8 +185,7 @@ class JobRunner:
             stall_s=sch.stall_s,
             blocklist_after=sch.blocklist_after,
             max_failed_shards=self.spec.max_failed_shards,
-            # the next shard's first chunks decoded early: a queued shard does that itself, but a chain's next
-            # shard cannot be queued before its state exists; whole-window models: a 2nd window is too dear
+            # a queued shard decodes ahead itself; a chain's next one cannot queue before its state exists
             prefetch=self.model_cls.chunk_frames is not None and (self.mode == "handoff" or sch.shards_per_actor == 1),
             preemption=sch.preemption,
             drain_min_deadline_s=sch.drain_min_deadline_s,

@@ -28,6 +28,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from farm import queues
 from farm.commands import Checkpoint
 from farm.events import EventKind
 from farm.fleet import ActorState
@@ -80,6 +81,9 @@ class Drain:
             if a.node in s.fleet.draining and a.state == ActorState.IDLE:
                 s.fleet.kill(a.slot)
                 s.fleet.replace(a.slot)
+            elif a.node in s.fleet.draining:  # queued behind its current shard, not begun: to a healthy actor
+                for attempt in list(a.queued):
+                    queues.release(s, attempt, now, "its node is draining")
         if self.handoff:
             self._checkpoint(s, now)
             return

@@ -21,18 +21,32 @@ def requeue_orphans(s: Scheduler) -> None:
         if a is None or a.abandoned:
             continue
         a.abandoned = True
-        v, uid = s.videos[a.video], a.unit.id
-        copies = v.copies.get(uid, [])
-        if a.id in copies:
-            copies.remove(a.id)
-        if not copies:
-            v.copies.pop(uid, None)
-            if not a.copy:
-                v.attempts[uid] -= 1
-            if v.running and v.state[uid] == UnitState.RUNNING:
-                v.make_ready(uid)
-        s._emit(EventKind.SHARD_CANCELLED, video=v.key, shard=a.unit.shard, actor=a.slot,
-                   reason="its actor was stopped before the shard began")
+        _back_to_ready(s, a)
+        s._emit(EventKind.SHARD_CANCELLED, video=a.video, shard=a.unit.shard, actor=a.slot,
+                reason="its actor was stopped before the shard began")
+
+
+def release(s: Scheduler, attempt: int, now: float, reason: str) -> None:
+    """Cancel a shard queued on an actor that must not begin it (its node is draining): ready again for
+    another actor, spending none of its attempts."""
+    a = s.attempts[attempt]
+    if not a.abandoned:
+        s._cancel(attempt, now, reason=reason)
+        _back_to_ready(s, a)
+
+
+def _back_to_ready(s: Scheduler, a: Any) -> None:
+    v, uid = s.videos[a.video], a.unit.id
+    copies = v.copies.get(uid, [])
+    if a.id in copies:
+        copies.remove(a.id)
+    if not copies:
+        v.copies.pop(uid, None)
+        if not a.copy:
+            v.attempts[uid] -= 1
+        if v.running and v.state[uid] == UnitState.RUNNING:
+            v.make_ready(uid)
+
 
 def fill_queues(s: Scheduler, now: float) -> None:
     """Ready shards behind busy actors' current ones (``Config.queue`` > 1): an actor's next model calls

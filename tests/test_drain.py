@@ -248,3 +248,25 @@ def test_the_report_names_the_drained_nodes_and_counts_frames_rendered_twice():
     manifest = {"videos": {"v": {"status": "succeeded", "frames": 64}}, "seconds": 3.0,
                 "drained_nodes": counts.drained, "frames_rerendered": 8}
     assert summary_line(manifest).endswith("; 1 node(s) drained (n0), 8 frames rendered again")
+
+
+def test_a_shard_queued_on_a_draining_node_goes_to_a_healthy_actor_without_spending_an_attempt():
+    sim = Sim(actors=3, nodes=NODES, drain_min_deadline_s=5.0, queue=2)
+    sim.add(frames=64)
+    sim.prepare_all()
+    queued = sim.s.actors[0].queued
+    assert len(queued) == 1  # actor 0 holds a shard and one queued behind it
+    waiting = sim.s.attempts[queued[0]]
+    sim.s.on_node_draining("n0", sim.now + 60, sim.now)  # time enough for the one it renders
+    cmds = sim.step()
+    assert Cancel(waiting.id, 0, "v", waiting.unit.shard) in cmds
+    (note,) = sim.events(EventKind.SHARD_CANCELLED, shard=waiting.unit.shard)
+    assert note["reason"] == "its node is draining"
+    assert sim.s.videos["v"].attempts[waiting.unit.id] == 0  # it never began: no attempt spent
+    sim.s.on_failed(waiting.id, DIED, sim.now)  # the cancelled call comes back: nothing more
+    for c in [c for c in sim.open() if c.slot in (1, 2)]:
+        sim.done(c)
+    again = [c for c in shards_of(sim.step()) if c.unit.id == waiting.unit.id]
+    assert again and again[0].slot in (1, 2)
+    sim.run()
+    assert sim.s.finished and not sim.events(EventKind.SHARD_FAILED)

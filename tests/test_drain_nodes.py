@@ -154,8 +154,8 @@ def test_a_short_notice_moves_the_shard_in_flight(cluster, clip, tmp_path):
     healthy actor as soon as one is free (actor 0 is slow: 16 s a shard, so its shard is still in flight then);
     the first copy to finish wins, and the output is unchanged."""
     reference, _ = run_watched(job(clip, tmp_path / "ref"), None, "drain.yaml")
-    j = job(clip, tmp_path / "out")
-    j["model"]["params"].update(slow_actor=0, slow_factor=10)
+    j = job(clip, tmp_path / "out", shards_per_actor=1)  # a dispatch to slow actor 0 after 3 shards triggers
+    j["model"]["params"].update(slow_actor=0, slow_factor=10)  # (with a queue it holds its 2nd from the start)
     result, runner, lost = preempted(cluster, j, 3.0)
     assert result.ok, result.manifest
     assert frames(result) == frames(reference)

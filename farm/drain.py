@@ -6,7 +6,8 @@ deadline)``. With ``scheduler.preemption: drain`` (the default) farm then:
 
 - dispatches no new shard to the node's actors, and starts no successor there (``Replace.avoid_nodes``,
   as for a blocklisted node); the node's idle actors are stopped and replaced off it at once, so the
-  job's capacity is back (on a pending actor the autoscaler adds a node) before the node goes;
+  job's capacity is back (on a pending actor the autoscaler adds a node) before the node goes; a shard
+  queued on one of its actors and not begun is cancelled and is ready again (``queues.release``);
 - lets a stateless shard in flight there finish in place when the deadline leaves time for it (from
   the measured seconds per frame, with a margin, and never under ``drain_min_deadline_s``), and
   otherwise copies it to a healthy actor at once: the first result wins (the speculation machinery);

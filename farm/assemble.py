@@ -3,6 +3,10 @@
 Encoding is the slowest CPU step, so no video is encoded serially: every shard already encoded its
 core; here each overlap (a few frames) is blended and encoded in a task of its own, and the final file
 is a remux concat of the pieces (``VideoSink.on_write_complete``), never a re-encode.
+
+They run on the job's ``Assembler``, one actor started beside the model actors: a Ray task on a worker
+process that Ray started (or restarted after it idled) waits about a second for the process and its imports,
+and a video's commit is the last step of its render time.
 """
 
 from __future__ import annotations
@@ -45,3 +49,16 @@ def commit_output(target: OutputTarget, pieces: list[dict[str, Any]]) -> dict[st
     except BaseException as e:
         sink.on_write_failed(e)
         raise
+
+
+class Assembler:
+    """The job's process for blends and commits (wrapped by ``ray.remote`` in ``farm.pool``): started with
+    the model actors, it is warm when the first shards finish. Its calls run on a few threads at once
+    (PyAV's muxing, numpy and storage I/O release the GIL); Ray restarts it and retries a call that its
+    death cut short, as it retried the tasks these once were."""
+
+    def __init__(self) -> None:
+        from farm import sinks, stitch  # noqa: F401 - imported now, not by the first commit
+
+    def run(self, fn: Any, *args: Any) -> Any:
+        return fn(*args)

@@ -194,7 +194,7 @@ class JobRunner:
         )
         self.sched = Scheduler(config, r.actors)
         for run in sorted(todo, key=lambda v: -v.info.frame_count):  # longest first: no long tail (av1an)
-            run.status, run.started = "running", time.time()
+            run.status = "running"  # its clock starts at its first dispatch (``apply``)
             done = {run.shards[i].name for i in run.records}
             self.sched.add_video(run.key, run.units, run.info.frame_count, done)
         m = self.spec.model
@@ -309,6 +309,10 @@ class JobRunner:
         assert pool is not None
         job = self.spec.job_id
         for cmd in commands:
+            if isinstance(cmd, (Dispatch, Launch)) and not self.videos[cmd.video].started:
+                # A video's seconds run from its first unit's dispatch to its commit: its render time, not
+                # the model's load or the videos before it in a batch (the job's own seconds hold those)
+                self.videos[cmd.video].started = time.time()
             if isinstance(cmd, Emit):
                 self.event(cmd.kind, **cmd.data)
             elif isinstance(cmd, Dispatch):
@@ -317,7 +321,8 @@ class JobRunner:
                     ctx = video_context(self.spec, run)
                     pool.submit(cmd.attempt, cmd.slot, "prepare", ctx, name=f"{job}/{run.key}/prepare")
                     continue
-                task, state_from = shard_task(self.spec, run, cmd.unit, self.model_cls, self.mode, self.ledger, cmd.tag)
+                task, state_from = shard_task(self.spec, run, cmd.unit, self.model_cls, self.mode, self.ledger, cmd.tag,
+                                              cmd.attempt)
                 state_ref = run.state_refs.get(state_from) if state_from is not None else None
                 pool.submit(cmd.attempt, cmd.slot, "render_shard", task, run.cond_ref, state_ref,
                             name=task.name + task.tag, returns=2)
@@ -359,7 +364,7 @@ class JobRunner:
     def finish_video(self, run: VideoRun) -> None:
         if run.status != "running":
             return
-        run.status, run.seconds = "succeeded", time.time() - run.started
+        run.status, run.seconds = "succeeded", time.time() - run.started if run.started else 0.0
         self.ledger.write_video(run.key, VideoRecord(run.input.url, run.outputs, run.fingerprint, run.seams))
         self.event(EventKind.VIDEO_DONE, video=run.key, seconds=run.seconds,
                    outputs=sorted(o["url"] for o in run.outputs.values() if o.get("url")))

@@ -18,7 +18,9 @@ Pure threading and numpy: no Ray here, so the in-process worker and the tests ru
 from __future__ import annotations
 
 import itertools
+import os
 import queue
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -28,6 +30,21 @@ import numpy as np
 
 Chunk = tuple[int, int, np.ndarray]  # [a, b) video frame indices, uint8 [b - a, H, W, 3]
 _POLL_S = 0.05  # how often a blocked stage looks up from its queue to see whether the pipeline stopped
+BACKGROUND_NICE = 5  # decoders and writers sit this much nicer than the thread that feeds the model
+
+
+def yield_to_model() -> None:
+    """Lower the calling thread's priority by ``BACKGROUND_NICE`` (Linux, where a thread has a nice value
+    of its own; threads it starts, such as the codec's, inherit it; Ray's workers run at 15, so there it is
+    19). When decoders, encoders and the model's own host work want more CPU than the actor has, the
+    model's thread goes first: the device must not wait, and the bounded queues between the stages let the
+    others catch up while the device computes."""
+    if sys.platform.startswith("linux"):
+        tid = threading.get_native_id()
+        try:
+            os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + BACKGROUND_NICE))
+        except OSError:
+            pass
 
 
 class Stopped(Exception):
@@ -91,9 +108,11 @@ class ChunkReader:
         depth: int = 2,
         stage: Callable[[list[np.ndarray]], np.ndarray] = stack_frames,
         read: Callable[..., Iterator[np.ndarray]] | None = None,
+        turn: Ticket | None = None,
     ) -> None:
         self.url, self.ranges, self.so, self.depth, self.stage = url, list(ranges), storage_options or {}, depth, stage
         self._read = read
+        self.turn = turn  # the shard's place at the actor's model: when its decoder may start
         self.stop = threading.Event()
         self.queue = BoundedQueue(max(depth, 1), self.stop)
         self._thread: threading.Thread | None = None
@@ -133,10 +152,16 @@ class ChunkReader:
         return self
 
     def _run(self) -> None:
+        yield_to_model()
         t0 = time.thread_time()
         try:
+            while self.turn is not None and not self.turn.may_decode.wait(_POLL_S):
+                if self.stop.is_set():
+                    return
             for item in self.chunks():
                 self.queue.put(item)
+                if self.turn is not None:
+                    self.turn.decoded()
             self.cpu_s = time.thread_time() - t0
             self.queue.put(_End())
         except Stopped:
@@ -169,6 +194,68 @@ class ChunkReader:
             self._thread.join()
         if self._serial is not None:
             self._serial.close()
+
+
+class Turns:
+    """An actor's model, one shard at a time, in the driver's order (a line of tickets).
+
+    In order, because the driver counts the first shard it sent as the one rendering and a later one as
+    queued (which it may move to an idle actor), while Ray may start their calls' threads either way round:
+    until a shard's model calls begin, one the driver sent before it goes ahead of it. A shard waiting in
+    line decodes ahead, but only once the shard before it has its first chunk: two decoders starting at
+    once slow the one whose chunk the model is waiting for."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._line: list[Ticket] = []
+
+    def take(self, order: int = 0) -> Ticket:
+        """A place in line by ``order`` behind the shard whose calls began (leave it with ``Ticket.leave``,
+        whatever happens)."""
+        ticket = Ticket(self, order)
+        with self._cond:
+            at = next((i for i, t in enumerate(self._line) if not t.holding and t.order > order), len(self._line))
+            self._line.insert(at, ticket)
+            self._update()
+        return ticket
+
+    def _update(self) -> None:
+        for i, t in enumerate(self._line):
+            if i == 0 or self._line[i - 1].first_chunk:
+                t.may_decode.set()
+        self._cond.notify_all()
+
+
+class Ticket:
+    """One shard's place in ``Turns``: ``wait`` for the model, ``leave`` when its calls are done."""
+
+    def __init__(self, turns: Turns, order: int) -> None:
+        self.turns, self.order = turns, order
+        self.may_decode = threading.Event()
+        self.first_chunk = False
+        self.holding = False  # its model calls began: nothing goes ahead of it any more
+
+    def decoded(self) -> None:
+        """Its first chunk is decoded: the shard after it may start decoding."""
+        if not self.first_chunk:
+            with self.turns._cond:
+                self.first_chunk = True
+                self.turns._update()
+
+    def wait(self, check: Callable[[], None] | None = None) -> None:
+        """Until it is this shard's turn; ``check`` (an abort) is called while it waits and may raise."""
+        with self.turns._cond:
+            while self.turns._line[0] is not self:
+                if check is not None:
+                    check()
+                self.turns._cond.wait(_POLL_S)
+            self.holding = True
+
+    def leave(self) -> None:
+        with self.turns._cond:
+            if self in self.turns._line:
+                self.turns._line.remove(self)
+                self.turns._update()
 
 
 class Consumer(Protocol):
@@ -220,6 +307,7 @@ class Pipeline:
             raise self._error
 
     def _consume(self, name: str, consumer: Consumer) -> None:
+        yield_to_model()
         q, t0 = self.queues[name], time.thread_time()
         try:
             while True:

@@ -18,6 +18,7 @@ from typing import Any
 import ray
 
 from actors.base import ModelError
+from farm.assemble import Assembler
 from farm.channels import BackgroundError
 from farm.errors import cause, one_line, redact
 from farm.plan import PlanError
@@ -26,6 +27,8 @@ from farm.worker import ModelConfig, ModelWorker
 
 log = logging.getLogger("farm")
 WorkerActor = ray.remote(ModelWorker)
+AssemblerActor = ray.remote(Assembler)
+ASSEMBLER_THREADS = 8  # blends and commits of several videos at once
 INPUT_ERRORS = (ModelError, PlanError, BackgroundError)  # about the input: no other actor can do better
 
 
@@ -152,6 +155,7 @@ class Pool:
         self.calls: dict[Any, tuple[str, Any]] = {}  # ref -> (kind, payload)
         self.aborts: dict[Any, dict[str, Any]] = {}  # abort-call ref -> the cancelled copy it stops
         self.refs: dict[int, tuple[Any, Any]] = {}  # attempt -> (its ref, its state ref)
+        self.assembler: Any = None  # blends and commits (``farm.assemble.Assembler``)
         self.retries = retries
 
     # ---- actors ------------------------------------------------------------------------------
@@ -161,6 +165,18 @@ class Pool:
         self.actors, self.generation = [None] * n, [0] * n
         for slot in range(n):
             self._start(slot, 0)
+        self._start_assembler()
+
+    def _start_assembler(self) -> None:
+        """On the driver's node when it can (the outputs' uploads start there), restarted by Ray if it dies."""
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = ray.get_runtime_context().get_node_id()
+        options: dict[str, Any] = dict(
+            num_cpus=0, max_concurrency=ASSEMBLER_THREADS, max_restarts=-1, max_task_retries=self.retries,
+            scheduling_strategy=NodeAffinitySchedulingStrategy(here, soft=True),
+        )
+        self.assembler = _named(AssemblerActor, f"{self.job_id}/assembler", options)
 
     def replace(self, slot: int, generation: int, avoid_nodes: frozenset[str] = frozenset()) -> None:
         self._start(slot, generation, avoid_nodes)
@@ -178,11 +194,7 @@ class Pool:
         )
         if avoid_nodes:  # replacements keep off blocklisted nodes
             options["label_selector"] = {"ray.io/node-id": f"!in({','.join(sorted(avoid_nodes))})"}
-        try:
-            actor = WorkerActor.options(name=name, **options).remote(self.config, self.so)
-        except ValueError:  # a name still held by an actor of an earlier run in this Ray session
-            name = f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}"
-            actor = WorkerActor.options(name=name, **options).remote(self.config, self.so)
+        actor = _named(WorkerActor, name, options, self.config, self.so)
         self.actors[slot], self.generation[slot] = actor, generation
         self.calls[actor.info.remote()] = ("info", (slot, generation))
 
@@ -230,8 +242,8 @@ class Pool:
         self.refs[attempt] = (ref, state)
 
     def run_task(self, attempt: int, fn: Callable[..., Any], *args: Any, name: str) -> None:
-        """A small task (blend, commit) anywhere in the cluster, retried by Ray ``retries`` times."""
-        ref = ray.remote(num_cpus=0, max_retries=self.retries)(fn).options(name=name).remote(*args)
+        """A small task (blend, commit) on the job's assembler, retried by Ray ``retries`` times if it dies."""
+        ref = self.assembler.run.options(name=name).remote(fn, *args)
         self.calls[ref] = ("attempt", (attempt, name, None))
         self.refs[attempt] = (ref, None)
 
@@ -312,9 +324,18 @@ class Pool:
         return stopped
 
     def shutdown(self) -> None:
-        for a in self.actors:
+        for a in [*self.actors, self.assembler]:
             if a is not None:
                 ray.kill(a)
+
+
+def _named(actor_class: Any, name: str, options: dict[str, Any], *args: Any) -> Any:
+    """Start an actor under ``name`` (what the Ray dashboard shows), made unique if an earlier run in this
+    Ray session still holds it."""
+    try:
+        return actor_class.options(name=name, **options).remote(*args)
+    except ValueError:
+        return actor_class.options(name=f"{name}-{os.getpid()}-{time.monotonic_ns() % 10**6}", **options).remote(*args)
 
 
 def _hex(node: Any) -> str:

@@ -133,8 +133,9 @@ def handoff_at(run: VideoRun, i: int, passes: int, mode: str) -> int | None:
 
 
 def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: str, ledger: Ledger,
-               tag: str = "") -> tuple[ShardTask, int | None]:
-    """The task of a render or refine unit, and the position whose handed-off state it starts from."""
+               tag: str = "", order: int = 0) -> tuple[ShardTask, int | None]:
+    """The task of a render or refine unit, and the position whose handed-off state it starts from;
+    ``order`` is its place in the dispatches (the attempt id)."""
     i = unit.shard
     assert i is not None and unit.kind in (Kind.RENDER, Kind.REFINE)
     s = run.shards[i]
@@ -168,6 +169,7 @@ def shard_task(spec: JobSpec, run: VideoRun, unit: Unit, model_cls: Any, mode: s
         passes=model_cls.passes,
         previous=previous,
         blend=spec.window.blend,
+        order=order,
     )
     return task, state_from
 

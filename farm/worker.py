@@ -26,7 +26,7 @@ from farm import storage
 from farm.channels import Background
 from farm.grid import render_ranges, stops_at
 from farm.ledger import Ledger
-from farm.pipeline import ChunkReader, CudaStager, Pipeline, stack_frames
+from farm.pipeline import ChunkReader, CudaStager, Pipeline, Ticket, Turns, stack_frames
 from farm.plan import Shard
 from farm.sinks import OutputTarget, make_sink
 from farm.writers import ChannelWriter, WholeKeeper
@@ -62,6 +62,7 @@ class ShardTask:
     passes: int = 1  # the model's passes: with 2, stage-0 shards keep their whole output for stage 1
     previous: list[dict[str, Any]] = field(default_factory=list)  # stage 1: pass-1 {start, stop, url} of i-1, i, i+1
     blend: str = "linear"  # ramp for blending pass-1 overlaps before stage 1 sees them
+    order: int = 0  # the driver's dispatch order (its attempt id): an actor's model takes shards in this order
 
     @property
     def name(self) -> str:
@@ -118,9 +119,9 @@ class ModelWorker:
         self._writes, self._active_writes = threading.Condition(), 0
         self._prefetched: list[ChunkReader] = []  # the next shards' first chunks, decoding (``prefetch``)
         self._prefetch_lock, self.prefetch_hits = threading.Lock(), 0
-        # Held by a shard's model loop: a second shard queued on this actor (max_concurrency >= 3) decodes
-        # its first chunks and starts its model calls while the first one's encoders finish.
-        self._model_lock = threading.Lock()
+        # The model's turns: a second shard queued on this actor (max_concurrency >= 3) decodes its first
+        # chunks and starts its model calls while the first one's encoders finish.
+        self._turns = Turns()
         # A model that cannot load is reported by ``info()``, never raised: an exception escaping
         # ``__init__`` fails Ray's creation task, which prints a traceback and a crash dump on the driver.
         self.load_error: str | None = None
@@ -236,15 +237,17 @@ class ModelWorker:
         for old in stale:
             old.close()
 
-    def _reader(self, task: ShardTask, ranges: list[tuple[int, int]], depth: int) -> ChunkReader:
-        """The prefetched reader when it decodes this shard's frames, else a new one."""
+    def _reader(self, task: ShardTask, ranges: list[tuple[int, int]], depth: int, turn: Ticket) -> ChunkReader:
+        """The prefetched reader when it decodes this shard's frames, else a new one that starts decoding
+        when ``turn`` lets it."""
         with self._prefetch_lock:
             for reader in self._prefetched:
                 if depth and reader.matches(task.url, ranges, task.storage_options):
                     self._prefetched.remove(reader)
                     self.prefetch_hits += 1
+                    turn.decoded()  # decoding already
                     return reader
-        return ChunkReader(task.url, ranges, task.storage_options, depth=depth, stage=self._stage())
+        return ChunkReader(task.url, ranges, task.storage_options, depth=depth, stage=self._stage(), turn=turn)
 
     def _stage(self) -> Any:
         """How decoded frames become a batch: stacked, or on CUDA stacked into pinned memory and uploaded."""
@@ -270,30 +273,35 @@ class ModelWorker:
         record and the state for the next shard of a handoff chain."""
         t0 = time.perf_counter()
         s = task.shard
+        turn = self._turns.take(task.order)  # first thing: the model's turns go in the driver's order
         ledger = Ledger(task.ledger_root, task.storage_options)  # its guarded state and pass-1 I/O
-        if state is None and task.state_url:
-            state = ledger.read_state(task.state_url)
-        run_start = s.start - s.preroll
-        ranges = render_ranges(run_start, s, task.handoff_at, task.chunk, task.resume_from)
-        depth = pipeline_depth()
-        previous = load_previous(task, ledger) if s.stage == 1 else None
-        reader = self._reader(task, ranges, depth)
         splits: list[int] = []  # batch sizes that ran out of memory and were halved
-        background, consumers = None, {}
+        background, consumers, reader = None, {}, None
         try:
+            if state is None and task.state_url:
+                state = ledger.read_state(task.state_url)
+            ranges = render_ranges(s.start - s.preroll, s, task.handoff_at, task.chunk, task.resume_from)
+            depth = pipeline_depth()
+            previous = load_previous(task, ledger) if s.stage == 1 else None
+            reader = self._reader(task, ranges, depth, turn)
             background, consumers = self._consumers(task)
             with Pipeline(reader, consumers, depth=1 if depth else 0) as pipe:
                 queued = time.perf_counter()
-                with self._model_lock:  # one shard's model calls at a time; its writers finish outside
-                    wait, cpu0 = time.perf_counter(), time.thread_time()
+                turn.wait(lambda: self.stop_if_aborted(task))  # one shard's model calls at a time
+                wait, cpu0 = time.perf_counter(), time.thread_time()
+                try:
                     rendered, handoff_state, stopped = self._model_calls(task, pipe, cond, state, previous, splits)
-                    model_s, model_cpu_s = time.perf_counter() - wait, time.thread_time() - cpu0
+                finally:
+                    turn.leave()  # the next shard's model calls start; this one's writers finish beside them
+                model_s, model_cpu_s = time.perf_counter() - wait, time.thread_time() - cpu0
                 for c in consumers.values():  # a checkpoint: the writers check the frames up to it
                     c.stopped_at = stopped
                 results = pipe.finish()
         finally:
+            turn.leave()
             self.checkpoints.discard(task.name + task.tag)
-            reader.close()
+            if reader is not None:
+                reader.close()
             if background is not None:
                 background.close()
         self.stop_if_aborted(task)

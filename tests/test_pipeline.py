@@ -5,6 +5,7 @@ no queue ever holds more than its depth. No timing is asserted."""
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import threading
 import time
@@ -15,7 +16,7 @@ import pytest
 from media import write_video
 
 from farm.channels import components
-from farm.pipeline import ChunkReader, Pipeline
+from farm.pipeline import BACKGROUND_NICE, ChunkReader, Pipeline, Turns
 from farm.plan import plan_shards
 from farm.sinks import OutputTarget
 from farm.video import probe
@@ -340,3 +341,90 @@ def test_two_shards_queued_on_one_actor_take_turns_on_the_model(clip, tmp_path):
     assert not errors and worker.model.most == 1
     assert files(tmp_path / "one") == files(tmp_path / "two") and len(files(tmp_path / "one")) == 80
     assert not farm_threads()
+
+
+def test_turns_go_in_the_drivers_order_until_a_shard_begins():
+    """Ray may start a queued shard's call before the current one's: the one the driver sent first still
+    gets the model first, unless the later one's model calls had already begun."""
+    turns = Turns()
+    late = turns.take(order=7)  # arrived first
+    early = turns.take(order=3)
+    early.wait()  # at once: first in line
+    assert early.holding and not late.holding
+    first_in = turns.take(order=1)  # sent earlier still, but ``early`` holds the model: it waits behind it
+    got: list[int] = []
+
+    def go(ticket) -> None:
+        ticket.wait()
+        got.append(ticket.order)
+        ticket.leave()
+
+    threads = [threading.Thread(target=go, args=(t,)) for t in (late, first_in)]
+    for t in threads:
+        t.start()
+    time.sleep(0.2)
+    assert got == []  # both wait for ``early``
+    early.leave()
+    for t in threads:
+        t.join()
+    assert got == [1, 7]
+
+
+def test_a_waiting_shard_decodes_once_the_shard_before_it_has_its_first_chunk():
+    turns = Turns()
+    decoded: dict[str, list[int]] = {"a": [], "b": []}
+
+    def reader(name: str, ticket) -> ChunkReader:
+        def read(url, start, stop, storage_options=None):
+            for i in range(start, stop):
+                decoded[name].append(i)
+                yield np.zeros((2, 2, 3), np.uint8)
+
+        return ChunkReader(f"mem://{name}", [(0, 4), (4, 8)], depth=1, read=read, turn=ticket)
+
+    ta, tb = turns.take(order=1), turns.take(order=2)
+    rb = reader("b", tb).start()
+    time.sleep(0.2)
+    assert decoded["b"] == [] and not tb.may_decode.is_set()  # a has not decoded anything yet
+    ra = reader("a", ta).start()
+    ta.wait()
+    assert ra.next()[:2] == (0, 4)
+    assert tb.may_decode.wait(5)  # a's first chunk is in: b decodes ahead while a renders
+    ta.leave()
+    tb.wait()
+    assert rb.next()[:2] == (0, 4) and rb.next()[:2] == (4, 8) and rb.next() is None
+    tb.leave()
+    ra.close()
+    rb.close()
+    assert decoded["b"] == list(range(8)) and not farm_threads()
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a thread's own nice value is Linux's")
+def test_decoders_and_writers_run_nicer_than_the_models_thread():
+    """When the actor's CPUs are short, the thread that feeds the model goes first."""
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    seen: dict[str, int] = {}
+
+    def read(url, start, stop, storage_options=None):
+        seen["decoder"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+        for _ in range(start, stop):
+            yield np.zeros((2, 2, 3), np.uint8)
+
+    class Writer:
+        def write(self, item):
+            seen["writer"] = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+        def finish(self):
+            return None
+
+        def discard(self):
+            pass
+
+    reader = ChunkReader("mem://clip", [(0, 2), (2, 4)], depth=2, read=read)
+    with Pipeline(reader, {"w": Writer()}, depth=1) as pipe:
+        for a, b, batch in pipe.chunks():
+            pipe.emit((a, b, batch))
+        pipe.finish()
+    want = min(19, mine + BACKGROUND_NICE)
+    assert seen == {"decoder": want, "writer": want}
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine

@@ -208,6 +208,40 @@ def test_no_copies_when_speculation_is_off(ray_session, clip, reference, tmp_pat
     assert not of(events, "shard_cancelled", reason="another copy finished first")
 
 
+def test_small_tasks_run_on_the_jobs_warm_assembler(ray_session):
+    """Blends and commits go to one assembler actor started with the pool: the same process every time
+    (its imports done), not a fresh Ray worker per task."""
+    from farm.pool import Done, Pool
+    from farm.worker import ModelConfig
+
+    pool = Pool("assembler-test", ModelConfig("synthetic"), None, {}, retries=1)
+    pool.start(0)  # no model actors: the assembler alone
+    try:
+        for attempt in (1, 2):
+            pool.run_task(attempt, os.getpid, name=f"assembler-test/video/commit-{attempt}")
+        done: list = []
+        while len(done) < 2:
+            done += pool.wait(30)
+        assert all(isinstance(d, Done) for d in done)
+        pids = {d.value for d in done}
+        assert pids == {ray.get(pool.assembler.run.remote(os.getpid))} and os.getpid() not in pids
+    finally:
+        pool.shutdown()
+
+
+def test_a_videos_seconds_run_from_its_first_dispatch_to_its_commit(ray_session, clip, tmp_path):
+    """The model's load is the job's time, not the video's (the report's fps is a render speed)."""
+    j = job(clip, tmp_path)
+    j["window"]["overlap"] = 2  # blends as well
+    result, events, _ = run(j)
+    assert result.ok, result.manifest
+    assert of(events, "seam_measured")
+    (entry,) = result.manifest["videos"].values()
+    first = min(e["t"] for e in of(events, "shard_dispatched"))
+    (done,) = of(events, "video_done")
+    assert abs(entry["seconds"] - (done["t"] - first)) < 0.25
+
+
 def test_lost_frame_is_detected_and_retried(ray_session, clip, reference, tmp_path):
     marker = tmp_path / "drop-one-frame"
     marker.touch()

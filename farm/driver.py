@@ -129,7 +129,7 @@ class JobRunner:
         if not message.startswith(run.input.url):  # a model's or worker's own words: say which video
             message = f"{run.input.url}: {message}"
         run.status, run.error = "failed", message
-        run.seconds = time.time() - run.started if run.started else 0.0
+        run.seconds = run.elapsed()
         self.event(EventKind.VIDEO_FAILED, video=run.key, error=message)
 
     # ---- the run ----------------------------------------------------------------------------
@@ -309,10 +309,8 @@ class JobRunner:
         assert pool is not None
         job = self.spec.job_id
         for cmd in commands:
-            if isinstance(cmd, (Dispatch, Launch)) and not self.videos[cmd.video].started:
-                # A video's seconds run from its first unit's dispatch to its commit: its render time, not
-                # the model's load or the videos before it in a batch (the job's own seconds hold those)
-                self.videos[cmd.video].started = time.time()
+            if isinstance(cmd, (Dispatch, Launch)):
+                self.videos[cmd.video].start_clock()
             if isinstance(cmd, Emit):
                 self.event(cmd.kind, **cmd.data)
             elif isinstance(cmd, Dispatch):
@@ -364,7 +362,7 @@ class JobRunner:
     def finish_video(self, run: VideoRun) -> None:
         if run.status != "running":
             return
-        run.status, run.seconds = "succeeded", time.time() - run.started if run.started else 0.0
+        run.status, run.seconds = "succeeded", run.elapsed()
         self.ledger.write_video(run.key, VideoRecord(run.input.url, run.outputs, run.fingerprint, run.seams))
         self.event(EventKind.VIDEO_DONE, video=run.key, seconds=run.seconds,
                    outputs=sorted(o["url"] for o in run.outputs.values() if o.get("url")))

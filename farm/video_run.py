@@ -7,6 +7,7 @@ to this module). ``shard_task`` and ``video_context`` build what an actor needs 
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -47,6 +48,15 @@ class VideoRun:
 
     def unit(self, uid: str) -> Unit:
         return next(u for u in self.units if u.id == uid)
+
+    def start_clock(self) -> None:
+        """At its first unit's dispatch: a video's seconds run from there to its commit, its render time, not
+        the model's load or the videos before it in a batch (the job's own seconds hold those)."""
+        if not self.started:
+            self.started = time.time()
+
+    def elapsed(self) -> float:
+        return time.time() - self.started if self.started else 0.0
 
     def state_sources(self) -> set[int]:
         """Positions of the shards whose state another shard starts from."""

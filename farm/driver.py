@@ -307,17 +307,14 @@ class JobRunner:
         """Carry out the scheduler's commands in order, through the pool."""
         pool = self.pool
         assert pool is not None
-        job = self.spec.job_id
         for cmd in commands:
-            if isinstance(cmd, (Dispatch, Launch)):
-                self.videos[cmd.video].start_clock()
             if isinstance(cmd, Emit):
                 self.event(cmd.kind, **cmd.data)
             elif isinstance(cmd, Dispatch):
-                run = self.videos[cmd.video]
+                run = self.videos[cmd.video].start_clock()
                 if cmd.unit.kind == Kind.PREPARE:
                     ctx = video_context(self.spec, run)
-                    pool.submit(cmd.attempt, cmd.slot, "prepare", ctx, name=f"{job}/{run.key}/prepare")
+                    pool.submit(cmd.attempt, cmd.slot, "prepare", ctx, name=f"{self.spec.job_id}/{run.key}/prepare")
                     continue
                 task, state_from = shard_task(self.spec, run, cmd.unit, self.model_cls, self.mode, self.ledger, cmd.tag,
                                               cmd.attempt)
@@ -348,7 +345,7 @@ class JobRunner:
     def launch(self, cmd: Launch) -> None:
         """A blend (one overlap of one channel) or a commit (one output), as a small task."""
         assert self.pool is not None
-        run, unit = self.videos[cmd.video], cmd.unit
+        run, unit = self.videos[cmd.video].start_clock(), cmd.unit
         ch, target = unit.channel, run.targets[unit.channel]  # type: ignore[index]
         name = f"{self.spec.job_id}/{run.key}/{unit.id}"
         if unit.kind == Kind.BLEND:

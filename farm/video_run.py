@@ -49,11 +49,12 @@ class VideoRun:
     def unit(self, uid: str) -> Unit:
         return next(u for u in self.units if u.id == uid)
 
-    def start_clock(self) -> None:
-        """At its first unit's dispatch: a video's seconds run from there to its commit, its render time, not
-        the model's load or the videos before it in a batch (the job's own seconds hold those)."""
+    def start_clock(self) -> VideoRun:
+        """At each dispatch of its units: a video's seconds run from the first to its commit, its render time,
+        not the model's load or the videos before it in a batch (the job's own seconds hold those)."""
         if not self.started:
             self.started = time.time()
+        return self
 
     def elapsed(self) -> float:
         return time.time() - self.started if self.started else 0.0

@@ -15,8 +15,9 @@ from typing import Any
 HERE = Path(__file__).parent
 # seams: RVM handoff vs preroll error; accelerator: the model's busy share, pipelined actor vs serial loop;
 # flow: optical flow estimators' error and speed; void: VAE tiling, pass-2 seams; preemption: wasted work
-# when a spot node is preempted, drain vs ignore
-BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator", "flow", "void", "preemption")
+# when a spot node is preempted, drain vs ignore; presets: x264 presets' CPU, size, fidelity against medium
+BENCHMARKS = ("orchestration", "end_to_end", "io", "memory", "seams", "accelerator", "presets", "flow", "void",
+              "preemption")
 
 
 def _load(name: str) -> dict[str, Any] | None:
@@ -132,10 +133,12 @@ def table() -> str:
         for c in acc["cases"]:
             p, sr = c["pipeline"], c["serial"]
             target = acc["target"]
-            is_target = (c["sleep_per_frame"], c["format"]) == (target["sleep_per_frame"], target["format"])
+            is_target = (c["sleep_per_frame"], c["format"], c.get("preset")) == (
+                target["sleep_per_frame"], target["format"], target.get("preset", c.get("preset")))
+            preset = f" {c['preset']}" if c.get("preset") else ""
             rows.append(
                 _row(
-                    f"accelerator busy share, {c['format']} alpha+fgr, {c['sleep_per_frame']} s/frame, 1 actor "
+                    f"accelerator busy share, {c['format']}{preset} alpha+fgr, {c['sleep_per_frame']} s/frame, 1 actor "
                     f"(load {p['loadavg_1m_before']:.0f} / {sr['loadavg_1m_before']:.0f})",
                     f"{p['busy_share']} busy",
                     f"{sr['busy_share']} serial loop",
@@ -144,6 +147,13 @@ def table() -> str:
                     p["busy_share"] >= 0.9 if is_target else True,
                 )
             )
+    pr = _load("presets")
+    if pr:
+        for kind, rows_ in pr["results"].items():
+            v, med = rows_["veryfast"], rows_["medium"]
+            rows.append(_row(f"x264 veryfast vs medium, {kind}, CRF 16: CPU-s per frame (size {v['size_vs_medium']}x, "
+                             f"PSNR {v['psnr_db']} vs {med['psnr_db']} dB)", f"{v['cpu_s_per_frame']}",
+                             f"{med['cpu_s_per_frame']}", v["cpu_vs_medium"], "-", True))
     p = _load("preemption")
     if p:
         drain, ignore = p["summary"]["wasted_drain"], p["summary"]["wasted_ignore"]

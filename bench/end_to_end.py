@@ -2,8 +2,8 @@
 
 The plain loop is written the way RVM's ``convert_video`` works: PyAV decodes frames, the model renders
 them in chunks carrying its state, and PyAV encodes the outputs with farm's own encoder settings
-(``farm.encode.SegmentWriter``: x264 crf 16, preset medium, no B-frames), so only the orchestration
-differs. Both timings include loading the model. Threads: the plain loop keeps torch's default (one
+(``farm.encode.SegmentWriter``: x264 crf 16, farm's default ``output.preset``, no B-frames), so only the
+orchestration differs. Both timings include loading the model. Threads: the plain loop keeps torch's default (one
 per core); each farm actor gets what Ray gives an actor of ``cpus_per_actor=1`` (OMP_NUM_THREADS=1;
 ``torch.get_num_threads()`` is read in a ``num_cpus=1`` task), so both use one compute thread per core.
 Ray runs its workers at nice 15 (``worker_niceness``), the plain loop runs at nice 0: on a machine
@@ -46,6 +46,7 @@ def plain_loop(model_cfg: dict[str, Any], src: str, out_dir: str, chunk: int = 1
     from actors.base import VideoContext
     from farm.channels import channel_frames, components
     from farm.encode import SegmentWriter
+    from farm.spec import OutputSpec
     from farm.stitch import to_uint8
 
     t0 = time.perf_counter()
@@ -61,7 +62,8 @@ def plain_loop(model_cfg: dict[str, Any], src: str, out_dir: str, chunk: int = 1
         n = v.frames
         cond = model.prepare(VideoContext(url=src, frame_count=n, width=w, height=h, fps=float(fps)))
         writers = {
-            ch: SegmentWriter(os.path.join(out_dir, f"plain_{ch}.mp4"), fps, w, h, channels=components(ch))
+            ch: SegmentWriter(os.path.join(out_dir, f"plain_{ch}.mp4"), fps, w, h, channels=components(ch),
+                              preset=OutputSpec.model_fields["preset"].default)
             for ch in CHANNELS
         }
         state = None

@@ -39,7 +39,7 @@ class OutputTarget:
     height: int
     components: int  # 1 alpha, 3 colour, 4 rgba
     quality: int = 16
-    preset: str = "medium"  # x264's speed/size trade-off (mp4 only)
+    preset: str = "veryfast"  # x264's speed/size trade-off (mp4 only): output.preset's default
     audio_from: str | None = None  # source video whose audio is carried in
     storage_options: dict[str, Any] = field(default_factory=dict, repr=False)
 

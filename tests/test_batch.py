@@ -116,7 +116,8 @@ def test_nightly_batch_report_exit_codes_and_idempotent_rerun(batch, ray_session
         os.chdir(cwd)
     statuses = {Path(v["url"]).name: v["status"] for v in result.manifest["videos"].values()}
     assert statuses["c05.mp4"] == "succeeded"
-    assert sum(s == "skipped" for s in statuses.values()) == 17
+    why = {Path(v["url"]).name: (v["status"], v.get("error")) for v in result.manifest["videos"].values()}
+    assert sum(s == "skipped" for s in statuses.values()) == 17, why
     assert [Path(r["url"]).name for r in read_report(result.report_url) if r["shards_dispatched"]] == ["c05.mp4"]
 
 

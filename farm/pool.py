@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import math
 import os
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -235,7 +236,7 @@ class Pool:
 
     def submit(self, attempt: int, slot: int, method: str, *args: Any, name: str, returns: int = 1) -> None:
         """Call ``method`` on the actor in ``slot``; with ``returns=2`` the second return is a render's state."""
-        call = getattr(self.actors[slot], method).options(name=name, num_returns=returns)
+        call = getattr(self.actors[slot], method).options(name=task_label(name), num_returns=returns)
         refs = call.remote(*args)
         ref, state = (refs[0], refs[1]) if returns == 2 else (refs, None)
         self.calls[ref] = ("attempt", (attempt, name, slot))
@@ -243,7 +244,7 @@ class Pool:
 
     def run_task(self, attempt: int, fn: Callable[..., Any], *args: Any, name: str) -> None:
         """A small task (blend, commit) on the job's assembler, retried by Ray ``retries`` times if it dies."""
-        ref = self.assembler.run.options(name=name).remote(fn, *args)
+        ref = self.assembler.run.options(name=task_label(name)).remote(fn, *args)
         self.calls[ref] = ("attempt", (attempt, name, None))
         self.refs[attempt] = (ref, None)
 
@@ -327,6 +328,16 @@ class Pool:
         for a in [*self.actors, self.assembler]:
             if a is not None:
                 ray.kill(a)
+
+
+def task_label(name: str) -> str:
+    """The name the Ray dashboard shows for a call: its video's and kind's, without the shard's index
+    (``<job>/<video>/shard``, ``.../blend``; ``.../prepare`` and ``.../commit-<channel>`` as they are).
+    Ray's driver keeps bookkeeping per distinct task name for as long as it runs (about 20 KB each, measured
+    with ``bench/memory.py``): per-shard names grew the driver with the video's length and a batch's size.
+    Shards are told apart by the events, the ledger and their errors, which name them in full."""
+    head, _, last = name.rpartition("/")
+    return f"{head}/{re.sub(r'-[0-9].*$', '', last)}"
 
 
 def _named(actor_class: Any, name: str, options: dict[str, Any], *args: Any) -> Any:

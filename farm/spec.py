@@ -98,8 +98,8 @@ class OutputSpec(_Strict):
     quality: int = Field(16, ge=0, le=51, description="x264 CRF (lower is better); ignored by mov and png.")
     preset: Literal["ultrafast", "superfast", "veryfast", "faster", "fast", "medium", "slow", "slower", "veryslow"] = (
         Field("veryfast", description="x264 preset: faster ones use less CPU per frame for larger files at the same "
-              "CRF; farm's default takes about a third of x264's default (medium) CPU per frame for files about 12% "
-              "larger (the README's Performance section); ignored by mov and png.")
+              "CRF; farm's default takes about a third of x264's default (medium) CPU per frame for colour, for files "
+              "about 7% larger (the README's Performance section); ignored by mov and png.")
     )
     background: tuple[float, float, float] | str = Field(
         (0.0, 0.0, 0.0),

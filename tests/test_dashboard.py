@@ -175,10 +175,11 @@ def test_every_metric_the_board_queries_is_exported(farm_ray):
 @pytest.mark.slow
 @pytest.mark.skipif(not find_chromium(), reason="no Chromium installed (apt-get install chromium)")
 def test_ray_dashboard_shows_farm_actors_and_tasks(farm_ray, tmp_path):
-    """The actors view lists <job-id>/actor-<k>; the job's page lists <job-id>/<video>/shard-<i>."""
+    """The actors view lists <job-id>/actor-<k>; the job's page lists a <job-id>/<video>/shard row per shard
+    attempt (one Ray task name per video and kind: the driver keeps bookkeeping per distinct name)."""
     job, base = farm_ray["job"], farm_ray["dashboard"]
     actors = [f"{job}/actor-0", f"{job}/actor-1"]
-    shards = [f"{job}/{farm_ray['video']}/shard-{i:04d}" for i in range(farm_ray["shards"])]
+    shards = [f"{job}/{farm_ray['video']}/shard"]
     shots = Path(os.environ.get("FARM_SCREENSHOTS") or tmp_path)  # FARM_SCREENSHOTS=docs refreshes the README's
 
     async def browse() -> tuple[str, str, str]:
@@ -204,6 +205,6 @@ def test_ray_dashboard_shows_farm_actors_and_tasks(farm_ray, tmp_path):
     actors_text, jobs_text, tasks_text = asyncio.run(browse())
     assert all(a in actors_text for a in actors), actors_text[-2000:]
     assert farm_ray["ray_job"] in jobs_text and "serve.py" in jobs_text, jobs_text[-2000:]
-    assert all(s in tasks_text for s in shards), tasks_text[-3000:]
+    assert tasks_text.count(shards[0]) >= farm_ray["shards"], tasks_text[-3000:]
     assert "ModelWorker.render_shard" in tasks_text  # the shards are the actors' render calls
     assert (shots / "dashboard_actors.png").stat().st_size > 10_000

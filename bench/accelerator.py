@@ -22,6 +22,7 @@ from typing import Any
 
 from bench.common import (
     SHARED_VIDEOS,
+    default_preset,
     job_spec,
     machine,
     machine_line,
@@ -30,12 +31,11 @@ from bench.common import (
     shard_stages,
     write_result,
 )
-from farm.spec import OutputSpec
 
 SLEEPS = (0.02, 0.05, 0.08)
 WINDOW = {"frames": 70}
 CHANNELS = ("alpha", "fgr")
-DEFAULT_PRESET = OutputSpec.model_fields["preset"].default  # farm's (the cases that give none run with it)
+DEFAULT_PRESET = default_preset()  # the cases that give none run with it
 CPUS = float(os.cpu_count() or 1)  # the one actor owns the machine: its encoders' thread counts come from this
 
 

@@ -26,6 +26,13 @@ SHARED_VIDEOS = Path(os.environ.get("FARM_SHARED", "/work/shared")) / "videos"
 RVM_WEIGHTS = Path(os.environ.get("FARM_SHARED", "/work/shared")) / "reference" / "rvm" / "rvm_mobilenetv3_random.pth"
 
 
+def default_preset() -> str:
+    """farm's ``output.preset`` when a job leaves it out (what the benchmarks' own encoders match)."""
+    from farm.spec import OutputSpec
+
+    return OutputSpec.model_fields["preset"].default
+
+
 def parse_args(doc: str | None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=(doc or "").splitlines()[0] if doc else None)
     p.add_argument("--quick", action="store_true", help="smaller sizes (a smoke run, not for the README)")

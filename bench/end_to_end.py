@@ -23,6 +23,7 @@ from bench.common import (
     RVM_WEIGHTS,
     SHARED_VIDEOS,
     EventLog,
+    default_preset,
     job_spec,
     machine,
     machine_line,
@@ -46,7 +47,6 @@ def plain_loop(model_cfg: dict[str, Any], src: str, out_dir: str, chunk: int = 1
     from actors.base import VideoContext
     from farm.channels import channel_frames, components
     from farm.encode import SegmentWriter
-    from farm.spec import OutputSpec
     from farm.stitch import to_uint8
 
     t0 = time.perf_counter()
@@ -63,7 +63,7 @@ def plain_loop(model_cfg: dict[str, Any], src: str, out_dir: str, chunk: int = 1
         cond = model.prepare(VideoContext(url=src, frame_count=n, width=w, height=h, fps=float(fps)))
         writers = {
             ch: SegmentWriter(os.path.join(out_dir, f"plain_{ch}.mp4"), fps, w, h, channels=components(ch),
-                              preset=OutputSpec.model_fields["preset"].default)
+                              preset=default_preset())
             for ch in CHANNELS
         }
         state = None

@@ -53,12 +53,9 @@ def commit_output(target: OutputTarget, pieces: list[dict[str, Any]]) -> dict[st
 
 class Assembler:
     """The job's process for blends and commits (wrapped by ``ray.remote`` in ``farm.pool``): started with
-    the model actors, it is warm when the first shards finish. Its calls run on a few threads at once
-    (PyAV's muxing, numpy and storage I/O release the GIL); Ray restarts it and retries a call that its
-    death cut short, as it retried the tasks these once were."""
-
-    def __init__(self) -> None:
-        from farm import sinks, stitch  # noqa: F401 - imported now, not by the first commit
+    the model actors, it has imported this module (sinks, stitch, PyAV) when the first shards finish. Its
+    calls run on a few threads at once (PyAV's muxing, numpy and storage I/O release the GIL); Ray restarts
+    it and retries a call that its death cut short, as it retried the tasks these once were."""
 
     def run(self, fn: Any, *args: Any) -> Any:
         return fn(*args)
